@@ -1,0 +1,224 @@
+"""`clipserve.load`: from a name, repository or path to a ready `Model`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipserve import registry
+from clipserve.config import (
+    ConfigError,
+    ModelConfig,
+    PreprocessConfig,
+    XLMRobertaConfig,
+    model_config_from_open_clip,
+    preprocess_config_from_open_clip,
+)
+from clipserve.engine.model import PRECISIONS, Model
+from clipserve.io import checkpoints, hub
+from clipserve.io.checkpoints import CheckpointError, StateDict
+from clipserve.io.tokenizers import CLIPTokenizer, Tokenizer, XLMRobertaTokenizer
+from clipserve.models.clip import CLIP
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Everything `load` needs, gathered from wherever the source points."""
+
+    name: str
+    architecture: str
+    source: str
+    model_cfg: ModelConfig
+    preprocess_cfg: PreprocessConfig
+    state: StateDict
+    tokenizer_file: Path | None = None
+
+
+def _looks_hf(state: StateDict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state)
+
+
+def _bare_state(path: Path) -> StateDict:
+    state = checkpoints.read_state_dict(path)
+    return checkpoints.from_hf(state) if _looks_hf(state) else checkpoints.from_open_clip(state)
+
+
+def _architecture_name(cfg: ModelConfig) -> str:
+    for name in registry.ARCHITECTURES:
+        if registry.architecture(name) == cfg:
+            return name
+    v = cfg.vision
+    return f"ViT-{v.width}w{v.layers}L-{v.patch_size}" + ("-xlmr" if cfg.text_kind == "xlm-roberta" else "")
+
+
+def _resolve_directory(directory: Path) -> ResolvedCheckpoint:
+    model_cfg, pre_cfg, state = checkpoints.read_directory(directory)
+    tokenizer = directory / TOKENIZER_FILE
+    return ResolvedCheckpoint(
+        name=directory.name,
+        architecture=_architecture_name(model_cfg),
+        source=str(directory),
+        model_cfg=model_cfg,
+        preprocess_cfg=pre_cfg,
+        state=state,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+    )
+
+
+def _resolve_hub(repo: hub.HubRepo, known: registry.Pretrained | None, name: str) -> ResolvedCheckpoint:
+    if known is not None:
+        # open_clip builds pretrained tags from its own configs; the xlm-roberta repo has no config file.
+        model_cfg = registry.architecture(known.architecture)
+        pre_cfg = PreprocessConfig(size=model_cfg.image_size)
+    else:
+        config_path = hub.fetch(repo.repo_id, checkpoints.OPEN_CLIP_CONFIG, revision=repo.revision, required=False)
+        if config_path is None:
+            hf_config = hub.fetch(repo.repo_id, checkpoints.HF_CONFIG, revision=repo.revision, required=False)
+            if hf_config is None:
+                raise hub.HubError(
+                    f"{repo.repo_id} has neither {checkpoints.OPEN_CLIP_CONFIG} nor {checkpoints.HF_CONFIG}"
+                )
+            return _resolve_directory(hub_snapshot_hf(repo, hf_config))
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        if "model_cfg" not in data:
+            raise ConfigError(str(config_path), "model_cfg", "missing")
+        model_cfg = model_config_from_open_clip(data["model_cfg"], f"{repo.repo_id}/{checkpoints.OPEN_CLIP_CONFIG}")
+        pre_cfg = preprocess_config_from_open_clip(
+            data.get("preprocess_cfg"), model_cfg.image_size, f"{repo.repo_id}/{checkpoints.OPEN_CLIP_CONFIG}"
+        )
+    weights = hub.fetch_first(
+        repo.repo_id, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), revision=repo.revision
+    )
+    tokenizer_file = None
+    if isinstance(model_cfg.text, XLMRobertaConfig):
+        tokenizer_file = hub.fetch(repo.repo_id, TOKENIZER_FILE, revision=repo.revision)
+    return ResolvedCheckpoint(
+        name=name,
+        architecture=known.architecture if known else _architecture_name(model_cfg),
+        source=f"hf-hub:{repo.repo_id}",
+        model_cfg=model_cfg,
+        preprocess_cfg=pre_cfg,
+        state=checkpoints.from_open_clip(checkpoints.read_state_dict(weights)),
+        tokenizer_file=tokenizer_file,
+    )
+
+
+def hub_snapshot_hf(repo: hub.HubRepo, config_path: Path) -> Path:
+    """Fetch a transformers-layout repository's weight files next to its config; return the directory."""
+    index = hub.fetch(repo.repo_id, "model.safetensors.index.json", revision=repo.revision, required=False)
+    index = index or hub.fetch(repo.repo_id, "pytorch_model.bin.index.json", revision=repo.revision, required=False)
+    if index is not None:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        for shard in sorted(shards):
+            hub.fetch(repo.repo_id, shard, revision=repo.revision)
+    else:
+        hub.fetch_first(repo.repo_id, checkpoints.HF_WEIGHTS, revision=repo.revision)
+    hub.fetch(repo.repo_id, "preprocessor_config.json", revision=repo.revision, required=False)
+    return config_path.parent
+
+
+def resolve(source: str, checkpoint: str | Path | None = None) -> ResolvedCheckpoint:
+    """Find config, preprocessing, weights and tokenizer for any source `load` accepts."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.is_dir():
+            return _resolve_directory(path)
+        arch = source.split("/", 1)[0] if source in registry.PRETRAINED else source
+        model_cfg = registry.architecture(arch)
+        return ResolvedCheckpoint(
+            name=f"{arch}/{path.stem}",
+            architecture=arch,
+            source=str(path),
+            model_cfg=model_cfg,
+            preprocess_cfg=PreprocessConfig(size=model_cfg.image_size),
+            state=_bare_state(path),
+        )
+    if source.startswith(hub.HF_HUB_PREFIX):
+        repo = hub.HubRepo.parse(source)
+        return _resolve_hub(repo, registry.pretrained_for_repo(repo.repo_id), source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _resolve_directory(path)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is a weights file: pass the architecture with it, e.g. load('ViT-B-32', checkpoint='{path}')"
+        )
+    if source in registry.ARCHITECTURES:
+        raise registry.UnknownModelError(
+            f"{source!r} is an architecture without weights: pass a pretrained name "
+            f"({', '.join(p for p in registry.PRETRAINED if p.startswith(source + '/')) or 'none known'}) "
+            "or checkpoint=PATH"
+        )
+    if source.count("/") == 1 and source.split("/", 1)[0] not in registry.ARCHITECTURES:
+        raise registry.UnknownModelError(
+            f"{source!r} is neither a local path nor a pretrained name; for a Hub repository write hf-hub:{source}"
+        )
+    known = registry.pretrained(source)
+    return _resolve_hub(hub.HubRepo(known.hf_repo), known, known.name)
+
+
+def build_tokenizer(resolved: ResolvedCheckpoint) -> Tokenizer:
+    text = resolved.model_cfg.text
+    if isinstance(text, XLMRobertaConfig):
+        if resolved.tokenizer_file is None:
+            raise CheckpointError(
+                f"{resolved.source}: the XLM-RoBERTa text tower needs {TOKENIZER_FILE} next to the weights"
+            )
+        return XLMRobertaTokenizer.from_file(resolved.tokenizer_file, context_length=text.context_length)
+    return CLIPTokenizer(context_length=text.context_length)
+
+
+def build_module(model_cfg: ModelConfig, state: StateDict, source: str, dtype: torch.dtype) -> CLIP:
+    """Instantiate on the meta device and adopt the checkpoint's tensors (no second copy of the weights)."""
+    with torch.device("meta"):
+        module = CLIP(model_cfg)
+    checkpoints.check_keys(module.state_dict(), state, source)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU")
+    return device
+
+
+def load(
+    source: str,
+    *,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 64,
+) -> Model:
+    """Load a CLIP model.
+
+    `source`: a pretrained name (`ViT-B-32/datacomp_xl_s13b_b90k`), `hf-hub:ORG/REPO`, a local directory in
+    open_clip or Hugging Face layout, or an architecture name together with `checkpoint=PATH`.
+    `precision`: fp32, bf16 or fp16 (weights cast once; LayerNorm statistics stay in fp32).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    device = resolve_device(device)
+    resolved = resolve(str(source), checkpoint)
+    module = build_module(resolved.model_cfg, resolved.state, resolved.source, PRECISIONS[precision])
+    module = module.to(device)
+    return Model(
+        module,
+        build_tokenizer(resolved),
+        resolved.preprocess_cfg,
+        name=resolved.name,
+        architecture=resolved.architecture,
+        source=resolved.source,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )

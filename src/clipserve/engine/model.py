@@ -1,0 +1,221 @@
+"""`Model`: a loaded CLIP with its tokenizer and preprocessing, the object every front end uses."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipserve.config import ModelConfig, PreprocessConfig
+from clipserve.io.images import ImageInput, ImageLimits, Preprocessor
+from clipserve.io.tokenizers import Tokenizer
+from clipserve.models.clip import CLIP
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    parameters: int
+    image_size: int
+    context_length: int
+    embed_dim: int
+    precision: str
+    device: str
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def format_prompt(template: str, label: str) -> str:
+    """Templates use `{}` or CLIP_benchmark's `{c}` for the label."""
+    return template.replace("{c}", label) if "{c}" in template else template.format(label)
+
+
+class LabelCache:
+    """A bounded, thread-safe LRU of zero-shot classifiers keyed by (labels, templates)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[tuple[str, ...], tuple[str, ...]]) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple[tuple[str, ...], tuple[str, ...]], value: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Model:
+    """A CLIP model ready for inference. Build it with `clipserve.load`.
+
+    Every `encode_*` call returns float32 CPU tensors, whatever the device and precision.
+    """
+
+    def __init__(
+        self,
+        module: CLIP,
+        tokenizer: Tokenizer,
+        preprocess_cfg: PreprocessConfig,
+        *,
+        name: str,
+        architecture: str,
+        source: str,
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 64,
+    ) -> None:
+        self.module = module.eval()
+        self.config: ModelConfig = module.cfg
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = preprocess_cfg
+        self.preprocessor = Preprocessor(preprocess_cfg)
+        self.device = torch.device(device)
+        self.precision = precision
+        self.batch_size = batch_size
+        self.label_cache = LabelCache()
+        self.info = ModelInfo(
+            name=name,
+            architecture=architecture,
+            parameters=sum(p.numel() for p in module.parameters()),
+            image_size=self.config.image_size,
+            context_length=self.config.context_length,
+            embed_dim=self.config.embed_dim,
+            precision=precision,
+            device=str(self.device),
+            source=source,
+        )
+
+    # -- properties ------------------------------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature, as stored (use `exp()` of it to scale cosines)."""
+        return float(self.module.logit_scale.detach().float())
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Model({i.name!r}, {i.architecture}, {i.parameters / 1e6:.1f}M params, {i.precision}, {i.device})"
+
+    # -- inputs ----------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context_length] (LongTensor) for the model's tokenizer."""
+        return self.tokenizer(texts)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One image (PIL, path or bytes) -> normalised float tensor [3, H, W], open_clip's eval transform."""
+        return self.preprocessor.batch([image])[0]
+
+    # -- encoders --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Preprocessed images [N, 3, H, W] -> embeddings [N, D] (float32, CPU)."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected a float tensor [N, 3, H, W], got shape {tuple(pixels.shape)}")
+        size = self.config.image_size
+        if pixels.shape[-2:] != (size, size):
+            raise ValueError(f"expected {size}x{size} images, got {tuple(pixels.shape[-2:])}")
+        outputs = [
+            self.module.encode_image(chunk.to(self.device), normalize=normalize).float().cpu()
+            for chunk in pixels.split(self.batch_size)
+        ]
+        return torch.cat(outputs) if outputs else torch.empty(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids [N, L] -> embeddings [N, D] (float32, CPU)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"expected token ids [N, L], got shape {tuple(tokens.shape)}")
+        outputs = [
+            self.module.encode_text(chunk.to(self.device), normalize=normalize).float().cpu()
+            for chunk in tokens.split(self.batch_size)
+        ]
+        return torch.cat(outputs) if outputs else torch.empty(0, self.embed_dim)
+
+    def encode_image(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        normalize: bool = False,
+        limits: ImageLimits | None = None,
+    ) -> torch.Tensor:
+        """Images (PIL images, paths or bytes, or a preprocessed tensor [N,3,H,W]) -> [N, embed_dim]."""
+        if isinstance(images, torch.Tensor):
+            return self.encode_pixels(images, normalize)
+        if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+            images = [images]  # a single image
+        outputs = [
+            self.encode_pixels(self.preprocessor.batch(images[i : i + self.batch_size], limits or ImageLimits()), normalize)
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(outputs) if outputs else torch.empty(0, self.embed_dim)
+
+    def encode_text(self, texts: str | Sequence[str], normalize: bool = False) -> torch.Tensor:
+        """Texts -> [N, embed_dim]."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return torch.empty(0, self.embed_dim)
+        return self.encode_tokens(self.tokenize(list(texts)), normalize)
+
+    # -- zero-shot -------------------------------------------------------------------------------------
+
+    def text_classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Zero-shot class embeddings [len(labels), D]: per label, normalise each prompt's embedding,
+        average over templates, renormalise (open_clip / CLIP_benchmark). Cached per (labels, templates)."""
+        labels = tuple(labels)
+        templates = tuple(templates) if templates else DEFAULT_TEMPLATES
+        if not labels:
+            raise ValueError("at least one label is needed")
+        key = (labels, templates)
+        cached = self.label_cache.get(key)
+        if cached is not None:
+            return cached
+        prompts = [format_prompt(t, label) for label in labels for t in templates]  # label-major
+        embeddings = self.encode_text(prompts, normalize=True).view(len(labels), len(templates), -1)
+        classifier = F.normalize(embeddings.mean(dim=1), dim=-1)
+        self.label_cache.put(key, classifier)
+        return classifier
+
+    def classify(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot probabilities [N, len(labels)]: softmax over exp(logit_scale) * cosine."""
+        classifier = self.text_classifier(labels, templates)
+        features = self.encode_image(images, normalize=True)
+        return (torch.exp(torch.tensor(self.logit_scale)) * features @ classifier.T).softmax(dim=-1)
