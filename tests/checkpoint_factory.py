@@ -19,11 +19,6 @@ SMALL_BIGG = {
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 1664, "head_width": 104, "mlp_ratio": 4.9231, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1280, "heads": 20, "layers": 2},
 }
-TINY = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -63,3 +58,44 @@ def write_open_clip_dir(directory: Path, model: torch.nn.Module, model_cfg: dict
     else:
         torch.save(state, directory / "open_clip_pytorch_model.bin")
     return directory
+
+
+_DEFAULT_XLMR_TRAIN = [
+    f"{a} {b} {c}"
+    for a in ("a photo of", "une photo de", "ein Foto von", "una foto di", "写真", "café", "naïve", "ｈｅｌｌｏ")
+    for b in ("a cat", "un chien", "einem Hund", "una tinca", "猫", "the digit 7", "an astronaut", "coffee")
+    for c in ("", "on a mat", "très long", "in the park", "😀", "123")
+]
+
+
+def write_xlmr_tokenizer_json(path: Path, train_texts: list[str] | None = None) -> None:
+    """A small tokenizer.json with the structure of xlm-roberta-base's: Unigram model, a normalizer that
+    changes text (NFKC stands in for the real file's precompiled sentencepiece charsmap), Metaspace
+    pre-tokenizer, `<s> $A </s>` post-processor, `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    train_texts = train_texts or _DEFAULT_XLMR_TRAIN
+    tok = HFTokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace("``", '"'),
+            normalizers.Replace("''", '"'),
+            normalizers.NFKC(),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=len(set("".join(train_texts))) + 1500,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        max_piece_length=12,
+    )
+    tok.train_from_iterator(train_texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    tok.save(str(path))

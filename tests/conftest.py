@@ -21,3 +21,55 @@ def artifacts_dir() -> Path:
     path = Path(__file__).parent.parent / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0, layout: str = "open_clip") -> Path:
+    """A tiny random CLIP (32 px images, 2 layers per tower) in the open_clip layout, written with our own
+    writer: fast enough for every test that needs a model but not its numbers."""
+    from clipserve.config import PreprocessConfig, model_config_from_open_clip
+    from clipserve.io.checkpoints import write_directory
+    from clipserve.models import CLIP
+
+    cfg = model_config_from_open_clip(TINY_CONFIG, "tiny")
+    module = CLIP(cfg).init_weights(seed)
+    return write_directory(directory, module.state_dict(), cfg, PreprocessConfig(size=32), layout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    import clipserve
+
+    return clipserve.load(str(tiny_checkpoint))
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A loopback Hub (see hub_server.py) with an empty cache; huggingface_hub is pointed at it."""
+    from huggingface_hub import constants
+
+    from hub_server import FakeHub
+
+    with FakeHub() as hub:
+        cache = tmp_path / "hf-cache"
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield hub

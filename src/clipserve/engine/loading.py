@@ -130,6 +130,7 @@ def resolve(source: str, checkpoint: str | Path | None = None) -> ResolvedCheckp
             return _resolve_directory(path)
         arch = source.split("/", 1)[0] if source in registry.PRETRAINED else source
         model_cfg = registry.architecture(arch)
+        tokenizer = path.parent / TOKENIZER_FILE
         return ResolvedCheckpoint(
             name=f"{arch}/{path.stem}",
             architecture=arch,
@@ -137,6 +138,7 @@ def resolve(source: str, checkpoint: str | Path | None = None) -> ResolvedCheckp
             model_cfg=model_cfg,
             preprocess_cfg=PreprocessConfig(size=model_cfg.image_size),
             state=_bare_state(path),
+            tokenizer_file=tokenizer if tokenizer.is_file() else None,
         )
     if source.startswith(hub.HF_HUB_PREFIX):
         repo = hub.HubRepo.parse(source)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -15,6 +18,19 @@ class HubError(RuntimeError):
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _endpoint_reachable(endpoint: str) -> bool:
+    """One quick TCP connect to the endpoint, so that an unreachable Hub costs seconds rather than the
+    minute of retries huggingface_hub spends per file; from then on only the cache is used."""
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=3):
+            return True
+    except OSError:
+        return False
 
 
 def fetch(repo_id: str, filename: str, *, revision: str | None = None, required: bool = True) -> Path | None:
@@ -34,7 +50,10 @@ def fetch(repo_id: str, filename: str, *, revision: str | None = None, required:
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise HubError(f"huggingface_hub is required to download {repo_id}: {exc}") from None
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        from huggingface_hub import constants
+
+        local_only = not _offline() and not _endpoint_reachable(constants.ENDPOINT)
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
     except LocalEntryNotFoundError:
         # Offline (or unreachable) and not cached. For an optional file we cannot tell whether the
         # repository has it, so the caller decides (fetch_first reports all candidates at the end).

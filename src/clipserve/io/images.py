@@ -2,14 +2,14 @@
 
 Why this exists: the served embeddings must be the ones open_clip computes, so preprocessing has to match
 ``open_clip.image_transform(size, is_train=False)`` exactly (max-abs 0 in practice, asserted <= 1e-6), while
-the product must not depend on torchvision. The pipeline is therefore a transcription of torchvision 0.2x's
+the product must not depend on torchvision. The pipeline is therefore a transcription of torchvision 0.28's
 PIL code path, step by step, with the same arithmetic:
 
-1. Resize. ``"shortest"``: short side -> ``size``, long side -> ``int(size * long / short)`` (truncation, as
-   torchvision's ``_compute_resized_output_size``); ``"squash"``: both sides -> ``size``. An image that already
-   has the target size is left untouched. The resize is PIL's ``img.resize((w, h), BICUBIC|BILINEAR)`` in the
-   image's own mode, exactly what torchvision calls: PIL itself forces NEAREST for "1"/"P" and resizes
-   "RGBA"/"LA" premultiplied.
+1. Resize. ``"shortest"``: short side -> ``size``, long side -> ``int(size * long / short)`` (truncation,
+   as torchvision's ``_compute_resized_output_size``); ``"squash"``: both sides -> ``size``. An image that
+   already has the target size is left untouched. The resize is PIL's ``img.resize((w, h), BICUBIC or
+   BILINEAR)`` in the image's own mode, exactly what torchvision calls: PIL itself forces NEAREST for
+   "1"/"P" and resizes "RGBA"/"LA" premultiplied.
 2. Center crop (``"shortest"`` only) with torchvision's offsets ``int(round((h - size) / 2.0))`` (Python
    banker's rounding: 225 -> 0, 227 -> 2). An image smaller than the crop is first zero-padded the way
    torchvision does (left/top get ``(size - w) // 2``). With ``"shortest"`` resizing this never happens, but
@@ -45,6 +45,7 @@ untrusted clients and a server must answer 4xx, not crash. Only common raster fo
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -59,9 +60,10 @@ from clipserve.config import PreprocessConfig
 
 ImageInput = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
 
-# Pillow format ids accepted by `open_image`. Checked in this order; ids whose plugin is missing are skipped.
+# Pillow format ids accepted by `open_image`, tried in this order ("JPEG" also opens MPO files); ids whose
+# plugin is not available in the installed Pillow are skipped.
 ALLOWED_FORMATS: tuple[str, ...] = (
-    "JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "MPO", "PPM", "ICO", "TGA", "AVIF", "JPEG2000",
+    "JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA", "AVIF", "JPEG2000",
 )  # fmt: skip
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -94,6 +96,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _short(path: str) -> str:
+    """A path fit for a one-line message: control characters replaced, long paths cut."""
+    path = "".join(c if c.isprintable() else "?" for c in path)
     return path if len(path) <= _MAX_PATH_IN_MESSAGE else path[:_MAX_PATH_IN_MESSAGE] + "..."
 
 
@@ -133,9 +137,16 @@ def _apply_exif_orientation(img: Image.Image, in_place: bool) -> Image.Image:
         return img
 
 
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    # Image.open raises KeyError for a format id that no loaded plugin registers, so filter once.
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
 def _decode(fp: IO[bytes], limits: ImageLimits, draft_size: int | None) -> Image.Image:
     try:
-        img = Image.open(fp, formats=ALLOWED_FORMATS)
+        img = Image.open(fp, formats=_open_formats())
     except UnidentifiedImageError:
         raise ImageError("not an image: unrecognised or unsupported format") from None
     except Image.DecompressionBombError as exc:
@@ -161,7 +172,9 @@ def _decode(fp: IO[bytes], limits: ImageLimits, draft_size: int | None) -> Image
     return _apply_exif_orientation(img, in_place=True)
 
 
-def open_image(source: ImageInput, limits: ImageLimits = ImageLimits(), *, draft_size: int | None = None) -> Image.Image:
+def open_image(
+    source: ImageInput, limits: ImageLimits = ImageLimits(), *, draft_size: int | None = None
+) -> Image.Image:
     """Decode an untrusted image fully, first frame only, with its EXIF orientation applied.
 
     Limits are enforced before decoding pixels (byte size first, then the header's pixel count), and every
@@ -193,7 +206,9 @@ def open_image(source: ImageInput, limits: ImageLimits = ImageLimits(), *, draft
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source)
         _check_bytes(view.nbytes, limits)
-        data = source if isinstance(source, bytes) else (view.cast("B") if view.c_contiguous else view.tobytes())
+        data = (
+            source if isinstance(source, bytes) else (view.cast("B") if view.c_contiguous else view.tobytes())
+        )
         return _decode(io.BytesIO(data), limits, draft_size)
     if isinstance(source, (str, os.PathLike)):
         path = os.fsdecode(os.fspath(source))
@@ -203,8 +218,9 @@ def open_image(source: ImageInput, limits: ImageLimits = ImageLimits(), *, draft
             raise ImageError(f"file not found: {_short(path)}") from None
         except IsADirectoryError:
             raise ImageError(f"not a file: {_short(path)}") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read file: {_short(path)}: {exc.strerror or _one_line(exc)}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            reason = getattr(exc, "strerror", None) or _one_line(exc)
+            raise ImageError(f"cannot read file: {_short(path)}: {reason}") from None
         with f:
             st = os.fstat(f.fileno())
             _check_bytes(st.st_size, limits)
@@ -285,7 +301,7 @@ class Preprocessor:
         self.cfg = cfg
         self.size = cfg.size
         self._resample = _RESAMPLE[cfg.interpolation]
-        # float32 like torchvision's `torch.as_tensor(mean, dtype=tensor.dtype)`, shaped to broadcast over CHW.
+        # float32 like torchvision's `torch.as_tensor(mean, dtype=tensor.dtype)`, shaped to broadcast on CHW.
         self._mean = torch.as_tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.as_tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
         if self._mean.numel() != 3 or self._std.numel() != 3:
@@ -332,11 +348,15 @@ class Preprocessor:
     def batch(self, images: Sequence[ImageInput], limits: ImageLimits = ImageLimits()) -> torch.Tensor:
         """float32 [N, 3, size, size]; each item decoded by ``open_image`` (exact path, EXIF applied).
 
-        Pixels are written straight into the batch tensor and normalised once for the whole batch.
+        Pixels are written straight into the batch tensor and normalised once for the whole batch. An
+        ``ImageError`` names the failing item ("image 3: not an image: ...") so a client can find it.
         """
         out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.float32)
         for i, source in enumerate(images):
-            self._fill(out[i], open_image(source, limits))
+            try:
+                self._fill(out[i], open_image(source, limits))
+            except ImageError as exc:
+                raise ImageError(f"image {i}: {exc}") from None
         return self._normalise_(out)
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:

@@ -46,9 +46,13 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, W] -> packed q/k/v [B, L, 3W]; a method so that quantised variants can replace it."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
+        qkv = self.in_projection(x)  # [B, L, 3W]
         # [B, L, 3, H, Dh] -> 3 x [B, H, L, Dh]
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)

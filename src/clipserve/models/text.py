@@ -25,13 +25,21 @@ class TextTransformer(nn.Module):
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
 
+    @staticmethod
+    def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+        """Positions each row needs: up to and including its EOT (49407, the largest id; one per row)."""
+        return tokens.argmax(dim=-1) + 1
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] (L <= context_length, EOT = largest id) -> text embeddings [B, embed_dim]."""
-        eot = tokens.argmax(dim=-1)  # EOT (49407) is the largest id; one per row
         # The causal mask means no position attends past itself, so columns after the last EOT in the
         # batch cannot change any pooled output: drop them (exact, and 77 -> ~16 positions for prompts).
-        length = int(eot.max()) + 1
-        tokens = tokens[:, :length]
+        return self.encode_trimmed(tokens[:, : int(self.token_lengths(tokens).max())])
+
+    def encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`forward` without the data-dependent trim, so that a traced graph keeps the length dynamic."""
+        eot = tokens.argmax(dim=-1)
+        length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)
         x = self.transformer(x, causal=True)
         pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])

@@ -122,12 +122,18 @@ class XLMRobertaTextTower(nn.Module):
             nn.Linear(cfg.width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False)
         )
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = (ids != self.cfg.pad_token_id).long()
-        # Pads are masked out as keys, so trailing all-pad columns change no real token's output. Drop them.
+    def token_lengths(self, ids: torch.Tensor) -> torch.Tensor:
+        """Positions each row needs: up to and including its last non-pad token."""
         positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
-        length = max(int((mask * positions).max()), 1)
-        ids, mask = ids[:, :length], mask[:, :length]
+        return ((ids != self.cfg.pad_token_id).long() * positions).max(dim=1).values
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Pads are masked out as keys, so trailing all-pad columns change no real token's output. Drop them.
+        return self.encode_trimmed(ids[:, : max(int(self.token_lengths(ids).max()), 1)])
+
+    def encode_trimmed(self, ids: torch.Tensor) -> torch.Tensor:
+        """`forward` without the data-dependent trim, so that a traced graph keeps the length dynamic."""
+        mask = (ids != self.cfg.pad_token_id).long()
         x = self.transformer(ids, mask)
         weights = mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)

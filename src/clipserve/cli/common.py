@@ -1,0 +1,37 @@
+"""Arguments and helpers shared by every command that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipserve.registry import DEFAULT_MODEL
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    """MODEL (or --model), --checkpoint, --device, --precision, --batch-size."""
+    help_text = (
+        "pretrained name (e.g. ViT-B-32/datacomp_xl_s13b_b90k), hf-hub:ORG/REPO, a local checkpoint directory, "
+        "or an architecture name with --checkpoint"
+    )
+    if positional:
+        parser.add_argument("model", metavar="MODEL", help=help_text)
+    else:
+        parser.add_argument("--model", default=DEFAULT_MODEL, help=help_text + f" (default {DEFAULT_MODEL})")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights file (or directory) for an architecture name")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=PRECISION_CHOICES, help="weights precision (default fp32, exact)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
+
+
+def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily: --help stays fast)
+    from clipserve.engine.loading import load
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return load(
+        args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision, batch_size=args.batch_size
+    )
