@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from oracles import open_clip
 
 # Reduced-depth configs keep the suite fast while exercising every code path of the real architectures.
@@ -72,7 +71,16 @@ def write_xlmr_tokenizer_json(path: Path, train_texts: list[str] | None = None) 
     """A small tokenizer.json with the structure of xlm-roberta-base's: Unigram model, a normalizer that
     changes text (NFKC stands in for the real file's precompiled sentencepiece charsmap), Metaspace
     pre-tokenizer, `<s> $A </s>` post-processor, `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3."""
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from tokenizers import Tokenizer as HFTokenizer
 
     train_texts = train_texts or _DEFAULT_XLMR_TRAIN

@@ -57,9 +57,8 @@ def tiny_model(tiny_checkpoint: Path):
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A loopback Hub (see hub_server.py) with an empty cache; huggingface_hub is pointed at it."""
-    from huggingface_hub import constants
-
     from hub_server import FakeHub
+    from huggingface_hub import constants
 
     with FakeHub() as hub:
         cache = tmp_path / "hf-cache"

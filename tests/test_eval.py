@@ -319,14 +319,17 @@ def test_compare_prints_results_side_by_side(capsys, tmp_path):
         (["--task", "zeroshot_retrieval", "--dataset", "imagefolder:{digits}/all"], "has labels, not captions"),
         (["--task", "zeroshot_retrieval", "--dataset", "coco:{photos}", "--recall-k", "50"], "exceeds the 12 images"),
         (["--task", "linear_probe", "--dataset", "imagefolder:{digits}/test"], "--train-dataset"),
+        (["--task", "linear_probe", "--dataset", "wds:{wds}/test/0.tar"], "--train-dataset"),  # no splits in a pattern
         (["--task", "zeroshot_classification", "--dataset", "imagefolder:{digits}/all", "--templates", "/no/t.txt"],
          "/no/t.txt: templates file not found"),
         (["--task", "zeroshot_classification", "--dataset", "imagefolder:{digits}/all", "--language", "xx"],
          "language 'xx'"),
     ],
 )
-def test_user_errors_are_one_line_with_exit_2(capsys, tiny_checkpoint, digits_folders, photos, argv, message):
-    argv = [a.format(digits=digits_folders, photos=photos) for a in argv]
+def test_user_errors_are_one_line_with_exit_2(
+    capsys, tiny_checkpoint, digits_folders, digits_wds, photos, argv, message
+):
+    argv = [a.format(digits=digits_folders, wds=digits_wds, photos=photos) for a in argv]
     code, out, err = run_cli(capsys, "eval", "--model", str(tiny_checkpoint), "--quiet", *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("clipserve eval: error: "), err

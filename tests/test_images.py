@@ -8,7 +8,6 @@ rounding in the center crop, no-op resize at exactly 224, up- and down-scaling) 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import os
 import struct
@@ -21,15 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import open_clip
 from PIL import Image
 
-if importlib.util.find_spec("clipserve") is None:  # not installed in the venv: use the src layout directly
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from oracles import open_clip  # noqa: E402  (tests/ is on sys.path via conftest.py)
-
-from clipserve.config import PreprocessConfig  # noqa: E402
-from clipserve.io.images import (  # noqa: E402
+from clipserve.config import PreprocessConfig
+from clipserve.io.images import (
     ImageError,
     ImageLimits,
     Preprocessor,

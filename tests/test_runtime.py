@@ -12,14 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_factory import (
+    SMALL_BIGG,
+    open_clip_model,
+    randomize,
+    write_open_clip_dir,
+    write_xlmr_tokenizer_json,
+)
+from oracles import open_clip, transformers
 from PIL import Image
 
 import clipserve
-from checkpoint_factory import SMALL_BIGG, open_clip_model, randomize, write_open_clip_dir, write_xlmr_tokenizer_json
 from clipserve.config import ConfigError
 from clipserve.io.checkpoints import CheckpointError, read_state_dict
 from clipserve.io.hub import HubError
-from oracles import open_clip, transformers
 
 PROMPTS = [
     "a photo of a cat.",

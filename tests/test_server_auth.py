@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from starlette.routing import Route
 from test_server_support import ADMIN, ADMIN_KEY, API_KEY, AUTH, MODEL, data_url, encode, settings_for
 
 from clipserve.api import AuthSettings, create_app
@@ -40,11 +41,18 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def routes_of(app) -> list[tuple[str, str]]:
+    """(method, path) of every HTTP route, descending into included routers (FastAPI includes lazily)."""
+
+    def walk(routes):
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            yield from walk(inner.routes) if inner is not None else [route]
+
     out = []
-    for route in app.routes:
-        if isinstance(route, APIRoute):
+    for route in walk(app.routes):
+        if isinstance(route, (APIRoute, Route)) and route.methods:
             path = re.sub(r"\{[^}]+\}", "x", route.path)
-            out.extend((method, path) for method in sorted(route.methods))
+            out.extend((method, path) for method in sorted(route.methods - {"HEAD"}))
     return out
 
 

@@ -12,7 +12,6 @@ import gzip
 import html
 import json
 import random
-import sys
 import threading
 import time
 import unicodedata
@@ -20,17 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_factory import write_xlmr_tokenizer_json
+from oracles import open_clip
 
-# tests/conftest.py (written after this file) also puts tests/ on sys.path; this keeps the file runnable
-# on its own and without an installed package (src layout). It adds nothing when the paths are there.
-_HERE = Path(__file__).resolve().parent
-for _p in (_HERE, _HERE.parent / "src"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from oracles import open_clip  # noqa: E402
-
-from clipserve.io.tokenizers import (  # noqa: E402
+from clipserve.io.tokenizers import (
     CLIPTokenizer,
     Tokenizer,
     TokenizerError,
@@ -438,48 +430,6 @@ def _xlmr_corpus(base: list[str]) -> list[str]:
     return out
 
 
-def _write_xlmr_tokenizer_json(path: Path, train_texts: list[str]) -> None:
-    """A small tokenizer.json with the structure of xlm-roberta-base's (see module docstring)."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from tokenizers import Tokenizer as HFTok
-
-    tok = HFTok(models.Unigram())
-    # The real file: Replace ``/'' -> ", Precompiled (sentencepiece nmt_nfkc), Replace " {2,}" -> " ".
-    # NFKC stands in for the precompiled charsmap: it folds full-width forms and composes accents.
-    tok.normalizer = normalizers.Sequence(
-        [
-            normalizers.Replace("``", '"'),
-            normalizers.Replace("''", '"'),
-            normalizers.NFKC(),
-            normalizers.Replace(Regex(" {2,}"), " "),
-        ]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    n_chars = len(set("".join(train_texts)))
-    trainer = trainers.UnigramTrainer(
-        vocab_size=n_chars + 1500,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        max_piece_length=12,
-    )
-    tok.train_from_iterator(train_texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
-    tok.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def xlmr_file(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
     path = tmp_path_factory.mktemp("xlmr") / "tokenizer.json"
@@ -488,7 +438,7 @@ def xlmr_file(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Pa
     train = [clean_whitespace(t) for t in corpus[:2000] if len(t) < 300] + [
         " ".join(rng.choice(_WORDS + _CLASSES + _ACCENTED) for _ in range(12)) for _ in range(2000)
     ]
-    _write_xlmr_tokenizer_json(path, train)
+    write_xlmr_tokenizer_json(path, train)
     spec = json.loads(path.read_text())
     assert spec["model"]["type"] == "Unigram" and spec["model"]["unk_id"] == 3
     assert [spec["model"]["vocab"][i][0] for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]

@@ -122,8 +122,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def has_splits(spec: str) -> bool:
-    """Whether the spec's layout holds named splits (`train`, `test`, ...), so one spec serves a linear probe."""
-    return parse_spec(spec)[0] in ("wds", "wds-hub", "imagenet", "coco", "flickr30k")
+    """Whether the spec's layout holds named splits (`train`, `test`, ...), so one spec serves a linear probe.
+    A wds shard pattern names its shards exactly, so only a wds root directory has splits."""
+    kind, argument = parse_spec(spec)
+    if kind == "wds":
+        return Path(argument).expanduser().is_dir()
+    return kind in ("wds-hub", "imagenet", "coco", "flickr30k")
 
 
 def load_dataset(spec: str, split: str = "test", classnames: list[str] | None = None) -> EvalSet:
@@ -376,9 +380,10 @@ def _shards(spec: str, argument: str, split: str) -> tuple[list[Path], Path]:
     tars = sorted({Path(p) for expanded in expand_braces(argument) for p in glob.glob(os.path.expanduser(expanded))})
     if not tars:
         raise DatasetError(f"dataset {spec!r}: no tar files match {argument}")
+    # Shards usually sit in ROOT/{split}/ with the metadata files in ROOT.
     parent = tars[0].parent
-    metadata = parent.parent if not (parent / "classnames.txt").exists() and (parent.parent / "classnames.txt").exists() else parent
-    return tars, metadata
+    has_metadata = (parent / "classnames.txt").exists() or (parent / "dataset_type.txt").exists()
+    return tars, parent if has_metadata or parent.parent == parent else parent.parent
 
 
 def _tar_samples(path: Path) -> Iterable[dict[str, Any]]:
