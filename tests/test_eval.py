@@ -512,3 +512,14 @@ def test_reduced_precision_runs_through_the_same_engine(capsys, tmp_path, tiny_c
     # bf16 moves scores by ~1e-2: rankings, and so recalls, stay close to fp32's.
     for name, value in fp32["metrics"].items():
         assert abs(bf16["metrics"][name] - value) <= 0.25, name
+
+
+def test_a_corrupt_image_is_named_in_one_line(capsys, tmp_path, tiny_checkpoint, digits_folders):
+    for digit in "01":
+        src = sorted((digits_folders / "all" / digit).iterdir())[0]
+        _png(np.asarray(Image.open(src)), tmp_path / "set" / digit / src.name)
+    (tmp_path / "set" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_checkpoint), "--quiet", "--task",
+                           "zeroshot_classification", "--dataset", f"imagefolder:{tmp_path / 'set'}")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'set' / '1' / 'broken.png'}: " in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import threading
+from dataclasses import replace
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -160,8 +161,14 @@ def test_without_override_the_local_server_is_refused(local_server: str) -> None
     ],
 )
 def test_fetch_refusals(local_server: str, path: str, message: str) -> None:
+    any_host = replace(LOCAL, allowed_hosts=("*",))  # so redirect targets reach the address check
     with pytest.raises(FetchError, match=message):
-        run(fetch_url(f"{local_server}{path}", LOCAL))
+        run(fetch_url(f"{local_server}{path}", any_host))
+
+
+def test_redirect_target_must_be_allow_listed(local_server: str) -> None:
+    with pytest.raises(FetchError, match="'10.0.0.1' is not in this server's URL allow-list"):
+        run(fetch_url(f"{local_server}/to-private", LOCAL))
 
 
 def test_host_outside_the_allow_list_is_refused_even_on_loopback(local_server: str) -> None:

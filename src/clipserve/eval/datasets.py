@@ -57,8 +57,12 @@ class TarMember:
     """An image stored in a tar file, read on demand by offset (no archive kept open)."""
 
     tar_path: str
+    name: str
     offset: int
     size: int
+
+    def __str__(self) -> str:
+        return f"{self.tar_path}:{self.name}"
 
     def read(self) -> bytes:
         with open(self.tar_path, "rb") as f:
@@ -405,7 +409,7 @@ def _tar_samples(path: Path) -> Iterable[dict[str, Any]]:
                 sample, current = {"__key__": key}, key
             extension = extension.lower()
             if extension in WDS_IMAGE_KEYS:
-                sample[extension] = TarMember(str(path), member.offset_data, member.size)
+                sample[extension] = TarMember(str(path), member.name, member.offset_data, member.size)
             elif extension in ("cls", "txt"):
                 sample[extension] = tar.extractfile(member).read().decode("utf-8")
     if sample:

@@ -30,6 +30,7 @@ from clipserve.eval.datasets import (
 )
 from clipserve.eval.linear_probe import ProbeSettings, linear_probe
 from clipserve.eval.metrics import classification_metrics, retrieval_metrics
+from clipserve.io.images import ImageError, open_image
 
 TASKS: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 DEFAULT_RECALL_K: tuple[int, ...] = (1, 5, 10)
@@ -79,22 +80,31 @@ def _bar(config: EvalConfig, total: int, desc: str, unit: str) -> tqdm:
 
 def encode_images(model: Model, images: Sequence[ImageRef], config: EvalConfig, desc: str = "images") -> torch.Tensor:
     """L2-normalised embeddings [N, D] of the referenced images, in order."""
-    batches = [images[i : i + config.batch_size] for i in range(0, len(images), config.batch_size)]
-    outputs = []
+    size = model.preprocessor.size
+
+    def preprocess(batch: Sequence[ImageRef]) -> torch.Tensor:
+        pixels = torch.empty((len(batch), 3, size, size), dtype=torch.float32)
+        for i, ref in enumerate(batch):
+            try:
+                pixels[i] = model.preprocessor(open_image(read_image_source(ref)))
+            except ImageError as exc:  # say which of the dataset's images it is
+                raise ImageError(f"{ref}: {exc}") from None
+        return pixels
+
+    outputs: list[torch.Tensor] = []
     with ThreadPoolExecutor(config.workers) as pool, _bar(config, len(images), f"encoding {desc}", "image") as bar:
-
-        def preprocess(batch: Sequence[ImageRef]) -> torch.Tensor:
-            return model.preprocessor.batch([read_image_source(ref) for ref in batch])
-
         pending: deque[Future[torch.Tensor]] = deque()
-        for batch in batches:
-            pending.append(pool.submit(preprocess, batch))
-            if len(pending) > config.workers:
-                outputs.append(model.encode_pixels(pending.popleft().result(), normalize=True))
-                bar.update(len(outputs[-1]))
-        while pending:
+
+        def encode_oldest() -> None:
             outputs.append(model.encode_pixels(pending.popleft().result(), normalize=True))
             bar.update(len(outputs[-1]))
+
+        for start in range(0, len(images), config.batch_size):
+            pending.append(pool.submit(preprocess, images[start : start + config.batch_size]))
+            if len(pending) > config.workers:  # keep `workers` batches decoding while the model encodes
+                encode_oldest()
+        while pending:
+            encode_oldest()
     return torch.cat(outputs) if outputs else torch.empty(0, model.embed_dim)
 
 
