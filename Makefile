@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 MODEL ?= ViT-B-32/datacomp_xl_s13b_b90k
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Loopback without keys by default (logged as a warning); e.g. SERVE_AUTH="--api-key KEY" to require one.
+SERVE_AUTH ?= --no-auth
 
 .PHONY: install serve demo test lint bench
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/clipserve serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
+	$(VENV)/bin/clipserve serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_AUTH) $(ARGS)
 
 demo: install
 	$(VENV)/bin/clipserve demo --host $(HOST) --port $(PORT) $(ARGS)

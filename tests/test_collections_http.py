@@ -9,15 +9,12 @@ from fastapi.testclient import TestClient
 from test_server_support import AUTH, MODEL, data_url, photos, settings_for
 
 from clipserve.api import create_app
-from clipserve.api.routes_collections import router
 from clipserve.collections import CollectionStore
 
 
 @pytest.fixture
 def client(tmp_path: Path, tiny_model):
     app = create_app(settings_for(tmp_path), {MODEL: tiny_model})
-    if not any(getattr(r, "path", "").startswith("/v1/collections") for r in app.routes):
-        app.include_router(router)  # until the server's app factory includes it
     app.state.collections = CollectionStore(tmp_path / "collections")
     with TestClient(app) as client:
         yield client

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import threading
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest

@@ -20,7 +20,6 @@ from test_server_support import (
     AUTH,
     MODEL,
     data_url,
-    encode,
     live_server,
     photos,
     settings_for,
@@ -278,7 +277,7 @@ def _batch_stats(app, modality: str) -> tuple[float, float]:
 
 def test_concurrent_requests_coalesce_and_get_their_own_results(tiny_model, tmp_path: Path, images) -> None:
     n = 4
-    settings = settings_for(tmp_path, batching=BatchSettings(max_batch_size=n, max_wait_ms=5000, max_queue=64))
+    settings = settings_for(tmp_path, batching=BatchSettings(max_batch_size=n, max_wait_ms=2000, max_queue=64))
     app = create_app(settings, {MODEL: tiny_model})
     expected = tiny_model.encode_image(images, normalize=True).numpy()
     with TestClient(app) as client:
@@ -297,7 +296,7 @@ def test_concurrent_requests_coalesce_and_get_their_own_results(tiny_model, tmp_
         for t in threads:
             t.join(60)
         count1, sum1 = _batch_stats(app, "image")
-    # A 5 s wait that is cut short only by a full batch: the four requests ran as one batch of four.
+    # A 2 s wait, cut short only by a full batch: the four requests ran as one batch of four.
     assert (count1 - count0, sum1 - sum0) == (1, n)
     for i in range(n):
         np.testing.assert_allclose(results[i], expected[i], atol=TOL)

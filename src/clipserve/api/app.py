@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from clipserve import __version__
-from clipserve.api import admin, ops, routes
+from clipserve.api import admin, ops, routes, routes_collections
 from clipserve.api.auth import KeyStore, RateLimiter, StaticKeys
 from clipserve.api.deps import ServerState
 from clipserve.api.errors import install_error_handlers
@@ -39,13 +39,19 @@ def create_app(settings: ServerSettings, models: Mapping[str, Model] | None = No
     command at once; tests pass a small model). Without it, `settings.models` load in the background after
     start-up and `/ready` answers 503 until they are loaded and probed.
     """
-    executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clipserve-preprocess")
     metrics = ServerMetrics()
-    pool = ModelPool(settings, executor, metrics)
-    metrics.track_queues(pool.queue_depths)
+
+    def queue_depths() -> dict[str, dict[str, int]]:
+        state = getattr(app.state, "server", None)
+        return state.pool.queue_depths() if state is not None else {}
+
+    metrics.track_queues(queue_depths)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything with threads or files is made here, so the app can be started again after a shutdown.
+        executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clipserve-preprocess")
+        pool = ModelPool(settings, executor, metrics)
         state = ServerState(
             settings=settings,
             pool=pool,
@@ -54,7 +60,6 @@ def create_app(settings: ServerSettings, models: Mapping[str, Model] | None = No
             admin_keys=StaticKeys((settings.auth.admin_key,) if settings.auth.admin_key else ()),
             limiter=RateLimiter(),
             metrics=metrics,
-            executor=executor,
         )
         app.state.server = state
         if settings.auth.no_auth:
@@ -87,6 +92,7 @@ def create_app(settings: ServerSettings, models: Mapping[str, Model] | None = No
     app.include_router(routes.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(routes_collections.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request)
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -29,7 +28,6 @@ class ServerState:
     admin_keys: StaticKeys
     limiter: RateLimiter
     metrics: ServerMetrics
-    executor: ThreadPoolExecutor
 
 
 def server_state(request: Request) -> ServerState:

@@ -194,7 +194,7 @@ async def create_embeddings(
     return JSONResponse(embedding_payload(served.alias, vectors, cost, body.encoding_format))
 
 
-async def _uploaded(files: Sequence[UploadFile], state: ServerState) -> list[Item]:
+async def read_uploads(files: Sequence[UploadFile], state: ServerState) -> list[Item]:
     limit = state.settings.limits.max_image_bytes
     items: list[Item] = []
     for i, upload in enumerate(files):
@@ -218,7 +218,7 @@ async def upload_embeddings(
     state = server_state(request)
     served = lookup(state, request, model)
     check_count(state, len(files), "files")
-    items = await _uploaded(files, state)
+    items = await read_uploads(files, state)
     params = [f"files[{i}]" for i in range(len(items))]
     vectors, cost = await guarded(state, encode_items(state, caller, served, items, params))
     record(state, caller, cost)
@@ -338,7 +338,7 @@ async def upload_classifications(
     check_labels(state, labels)
     resolved = resolve_templates(state, "imagenet" if templates == ["imagenet"] else templates)
     check_count(state, len(files), "files")
-    items = await _uploaded(files, state)
+    items = await read_uploads(files, state)
     params = [f"files[{i}]" for i in range(len(items))]
     payload = await guarded(state, classify(
         state, caller, served, items, params, labels, resolved, multi_label, top_k

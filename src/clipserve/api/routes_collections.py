@@ -27,7 +27,7 @@ from clipserve.api.deps import ServerState, authorize, server_state
 from clipserve.api.errors import INFERENCE_ERRORS, APIError
 from clipserve.api.inputs import ImageItem, Item, TextItem, image_bytes, image_from_string
 from clipserve.api.pool import ServedModel
-from clipserve.api.routes import _uploaded, check_count, encode_items, guarded, lookup, record
+from clipserve.api.routes import read_uploads, check_count, encode_items, guarded, lookup, record
 from clipserve.collections import (
     Collection,
     CollectionError,
@@ -251,7 +251,7 @@ async def upload_items(
     if not isinstance(meta, dict):
         raise APIError(400, "metadata: must be a JSON object", param="metadata", code="invalid_input")
     collection = await _open(request, name)
-    items = await _uploaded(files, state)
+    items = await read_uploads(files, state)
     entries = [(item, None, {**meta, "filename": f.filename} if f.filename else meta)
                for item, f in zip(items, files, strict=True)]  # fmt: skip
     return await _add(request, caller, collection, entries)

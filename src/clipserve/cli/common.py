@@ -7,10 +7,11 @@ import argparse
 from clipserve.registry import DEFAULT_MODEL
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8")
+BACKEND_CHOICES = ("torch", "onnx")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
-    """MODEL (or --model), --checkpoint, --device, --precision, --batch-size."""
+    """MODEL (or --model), --checkpoint, --device, --precision, --backend, --batch-size."""
     help_text = (
         "pretrained name (e.g. ViT-B-32/datacomp_xl_s13b_b90k), hf-hub:ORG/REPO, a local checkpoint directory, "
         "or an architecture name with --checkpoint"
@@ -24,6 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = T
     parser.add_argument(
         "--precision", default="fp32", choices=PRECISION_CHOICES, help="weights precision (default fp32, exact)"
     )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKEND_CHOICES,
+        help="torch, or onnx (ONNX Runtime on an export cached per checkpoint; cpu, fp32 or int8) (default torch)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
 
 
@@ -33,5 +40,10 @@ def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     return load(
-        args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision, batch_size=args.batch_size
+        args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        precision=args.precision,
+        backend=args.backend,
+        batch_size=args.batch_size,
     )

@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     if args.log_format == "json":
         configure_json_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    _check_auth(settings)
+    # Models first: `make serve` on an offline machine must say what to pass instead of the default model.
     models = load_models(settings)
+    _check_auth(settings)
     app = create_app(settings, models)
     uvicorn.run(
         app,

@@ -18,6 +18,7 @@ from clipserve.config import (
     preprocess_config_from_open_clip,
 )
 from clipserve.engine.model import PRECISIONS, Model
+from clipserve.engine.quantize import INT8, quantize_int8
 from clipserve.io import checkpoints, hub
 from clipserve.io.checkpoints import CheckpointError, StateDict
 from clipserve.io.tokenizers import CLIPTokenizer, Tokenizer, XLMRobertaTokenizer
@@ -193,26 +194,57 @@ def resolve_device(device: str) -> str:
     return device
 
 
+BACKENDS = ("torch", "onnx")
+
+
+def _build_runtime(resolved: ResolvedCheckpoint, device: str, precision: str, backend: str) -> torch.nn.Module:
+    """The module `Model` runs: torch weights cast once or int8-quantised, or ONNX Runtime sessions."""
+    if backend == "onnx":
+        from clipserve.engine import onnx_backend
+
+        if device != "cpu" or precision not in onnx_backend.ONNX_PRECISIONS:
+            raise ValueError(
+                f"backend='onnx' runs on cpu with precision {' or '.join(onnx_backend.ONNX_PRECISIONS)}, "
+                f"not {device}/{precision}"
+            )
+        directory = onnx_backend.ensure_exported(
+            resolved.state,
+            lambda: build_module(resolved.model_cfg, resolved.state, resolved.source, torch.float32),
+            precision,
+        )
+        logit_scale = resolved.state.get("logit_scale", torch.tensor(0.0))
+        return onnx_backend.OnnxCLIP(directory, resolved.model_cfg, logit_scale, precision=precision)
+    if precision == INT8:
+        module = build_module(resolved.model_cfg, resolved.state, resolved.source, torch.float32)
+        return quantize_int8(module.to(device))
+    return build_module(resolved.model_cfg, resolved.state, resolved.source, PRECISIONS[precision]).to(device)
+
+
 def load(
     source: str,
     *,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    backend: str = "torch",
     batch_size: int = 64,
 ) -> Model:
     """Load a CLIP model.
 
     `source`: a pretrained name (`ViT-B-32/datacomp_xl_s13b_b90k`), `hf-hub:ORG/REPO`, a local directory in
     open_clip or Hugging Face layout, or an architecture name together with `checkpoint=PATH`.
-    `precision`: fp32, bf16 or fp16 (weights cast once; LayerNorm statistics stay in fp32).
+    `precision`: fp32 (exact), bf16 or fp16 (weights cast once; LayerNorm statistics stay in fp32), or int8
+    (dynamic int8 Linear layers, CPU only).
+    `backend`: torch, or onnx (ONNX Runtime on a cached export, CPU, fp32 or int8; needs `clipserve[onnx]`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision not in (*PRECISIONS, INT8):
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join((*PRECISIONS, INT8))}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     device = resolve_device(device)
     resolved = resolve(str(source), checkpoint)
-    module = build_module(resolved.model_cfg, resolved.state, resolved.source, PRECISIONS[precision])
-    module = module.to(device)
+    parameters = sum(t.numel() for t in resolved.state.values())
+    module = _build_runtime(resolved, device, precision, backend)
     return Model(
         module,
         build_tokenizer(resolved),
@@ -223,4 +255,6 @@ def load(
         device=device,
         precision=precision,
         batch_size=batch_size,
+        parameters=parameters,
+        backend=backend,
     )

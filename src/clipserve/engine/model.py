@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from clipserve.config import ModelConfig, PreprocessConfig
+from clipserve.engine.fast import ThreadPlan, encode_length_sorted, normalise_uint8
+from clipserve.engine.pipeline import DecodePool
 from clipserve.io.images import ImageInput, ImageLimits, Preprocessor
 from clipserve.io.tokenizers import Tokenizer
 from clipserve.models.clip import CLIP
@@ -32,6 +34,7 @@ class ModelInfo:
     precision: str
     device: str
     source: str
+    backend: str = "torch"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +94,8 @@ class Model:
         device: str = "cpu",
         precision: str = "fp32",
         batch_size: int = 64,
+        parameters: int | None = None,
+        backend: str = "torch",
     ) -> None:
         self.module = module.eval()
         self.config: ModelConfig = module.cfg
@@ -99,18 +104,21 @@ class Model:
         self.preprocessor = Preprocessor(preprocess_cfg)
         self.device = torch.device(device)
         self.precision = precision
+        self.backend = backend
         self.batch_size = batch_size
         self.label_cache = LabelCache()
         self.info = ModelInfo(
             name=name,
             architecture=architecture,
-            parameters=sum(p.numel() for p in module.parameters()),
+            # Quantised and ONNX modules hide their weights from parameters(): loading passes the count.
+            parameters=parameters if parameters is not None else sum(p.numel() for p in module.parameters()),
             image_size=self.config.image_size,
             context_length=self.config.context_length,
             embed_dim=self.config.embed_dim,
             precision=precision,
             device=str(self.device),
             source=source,
+            backend=backend,
         )
 
     # -- properties ------------------------------------------------------------------------------------
@@ -156,31 +164,51 @@ class Model:
 
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Token ids [N, L] -> embeddings [N, D] (float32, CPU)."""
+        """Token ids [N, L] -> embeddings [N, D] (float32, CPU).
+
+        Rows are batched by length (each batch is trimmed to its longest row), results in input order.
+        """
         if tokens.ndim != 2:
             raise ValueError(f"expected token ids [N, L], got shape {tuple(tokens.shape)}")
-        outputs = [
-            self.module.encode_text(chunk.to(self.device), normalize=normalize).float().cpu()
-            for chunk in tokens.split(self.batch_size)
-        ]
-        return torch.cat(outputs) if outputs else torch.empty(0, self.embed_dim)
+        if tokens.shape[0] == 0:
+            return torch.empty(0, self.embed_dim)
+        return encode_length_sorted(
+            tokens,
+            self.module.token_lengths(tokens),
+            self.batch_size,
+            lambda chunk: self.module.encode_text(chunk.to(self.device), normalize=normalize).float().cpu(),
+        )
 
     def encode_image(
         self,
         images: Sequence[ImageInput] | torch.Tensor,
         normalize: bool = False,
         limits: ImageLimits | None = None,
+        *,
+        fast_decode: bool = False,
+        decode_workers: int | None = None,
     ) -> torch.Tensor:
-        """Images (PIL images, paths or bytes, or a preprocessed tensor [N,3,H,W]) -> [N, embed_dim]."""
+        """Images (PIL images, paths or bytes, or a preprocessed tensor [N,3,H,W]) -> [N, embed_dim].
+
+        Images are decoded on `decode_workers` threads (default: `ThreadPlan.for_cores()`), the next batch
+        while the model runs on the current one; pixels go from the decoder into one uint8 batch buffer and
+        are normalised there, with the exact preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
+        reduced size (`open_image(draft_size=...)`): several times less decode work, not bit-exact.
+        """
         if isinstance(images, torch.Tensor):
             return self.encode_pixels(images, normalize)
         if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
             images = [images]  # a single image
-        outputs = [
-            self.encode_pixels(self.preprocessor.batch(images[i : i + self.batch_size], limits or ImageLimits()), normalize)
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(outputs) if outputs else torch.empty(0, self.embed_dim)
+        if len(images) == 0:
+            return torch.empty(0, self.embed_dim)
+        workers = ThreadPlan.for_cores().decode_workers if decode_workers is None else decode_workers
+        cfg = self.preprocess_cfg
+        with DecodePool(self.preprocessor, min(workers, len(images)), fast_decode=fast_decode, limits=limits) as pool:
+            outputs = [
+                self.encode_pixels(normalise_uint8(batch, cfg.mean, cfg.std), normalize)
+                for batch in pool.batches(images, self.batch_size)
+            ]
+        return torch.cat(outputs)
 
     def encode_text(self, texts: str | Sequence[str], normalize: bool = False) -> torch.Tensor:
         """Texts -> [N, embed_dim]."""

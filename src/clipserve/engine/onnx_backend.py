@@ -46,7 +46,9 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise OnnxUnavailableError("backend='onnx' needs onnxruntime: pip install 'clipserve[onnx]'") from None
+        raise OnnxUnavailableError(
+            "backend='onnx' needs onnxruntime: pip install 'clipserve[onnx]'"
+        ) from None
     return onnxruntime
 
 
@@ -64,7 +66,7 @@ def checkpoint_key(state: StateDict) -> str:
     for name in sorted(state):
         tensor = state[name].detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -207,7 +209,7 @@ class OnnxCLIP(nn.Module):
         meta = json.loads((directory / META_FILE).read_text())
         self.parameter_count = int(meta["parameters"])
         with torch.device("meta"):
-            self._text_lengths = CLIP(model_cfg).text.token_lengths  # pure index arithmetic, no weights used
+            self.token_lengths = CLIP(model_cfg).text.token_lengths  # pure index arithmetic, no weights used
         options = session_options(threads or torch.get_num_threads(), spinning=spinning)
         providers = ["CPUExecutionProvider"]
         self.image_session = ort.InferenceSession(
@@ -229,7 +231,7 @@ class OnnxCLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         tokens = tokens.detach().cpu()
-        length = max(int(self._text_lengths(tokens).max()), 1)
+        length = max(int(self.token_lengths(tokens).max()), 1)
         array = np.ascontiguousarray(tokens[:, :length].numpy(), dtype=np.int64)
         (out,) = self.text_session.run(None, {"tokens": array})
         features = torch.from_numpy(out)

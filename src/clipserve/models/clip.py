@@ -38,6 +38,10 @@ class CLIP(nn.Module):
         features = self.visual(pixels.to(self.dtype))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def token_lengths(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positions each row of token ids needs (the text tower trims a batch to its longest row)."""
+        return self.text.token_lengths(tokens)
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features

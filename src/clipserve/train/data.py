@@ -8,14 +8,15 @@ is a seeded permutation of indices. That makes three things simple and exact:
 - augmentation: each sample's random crop comes from a generator seeded by (seed, epoch, index), so it does not
   depend on which worker or rank decodes it.
 
-Specs (`read_pairs` for captions, `read_labelled` for class labels):
+Specs (`read_pairs`):
 - `csv:FILE` (tab-separated when FILE ends in .tsv) and `jsonl:FILE`: columns `image` (or `filepath`, `file`,
-  `path`) and `caption` (or `text`, `title`) / `label` (or `class`); image paths relative to FILE's folder.
-- `folder:DIR` (or a bare directory): for pairs, every image with a caption file beside it (`a.jpg` +
-  `a.txt`); for labels, one subdirectory per class.
+  `path`) and `caption` (or `text`, `title`); image paths relative to FILE's folder.
+- `folder:DIR` (or a bare directory): every image with a caption file beside it (`a.jpg` + `a.txt`).
 - `wds:SHARDS` (or a bare `.tar` path): WebDataset tars, read with the stdlib; SHARDS is a tar file, a folder
   of tars, a glob, or a brace range (`shards-{000..009}.tar`). Members sharing a key form a sample: an image
-  (`.jpg`, `.jpeg`, `.png`, `.webp`) with `.txt` (pairs) or `.cls` (labels).
+  (`.jpg`, `.jpeg`, `.png`, `.webp`) and its `.txt` caption.
+
+Labelled images (evaluation, linear probes) are read by the evaluation harness, `clipserve.eval.datasets`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import csv
 import glob
 import json
 import math
-import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,27 +35,18 @@ import torch
 from PIL import Image
 
 from clipserve.config import PreprocessConfig
+from clipserve.eval.datasets import TarMember, expand_braces
 from clipserve.io.images import ImageError, Preprocessor, open_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "filepath", "file", "path")
 CAPTION_COLUMNS = ("caption", "text", "title")
-LABEL_COLUMNS = ("label", "class")
 SPEC_HELP = "csv:FILE, jsonl:FILE, folder:DIR or wds:SHARDS"
 
 
 class DataError(ValueError):
     """A data spec or data file that cannot be used; the message is one line naming the culprit."""
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """An image stored inside a tar file, read back by offset (random access into WebDataset shards)."""
-
-    path: str
-    offset: int
-    size: int
 
 
 ImageRef = str | TarMember | Image.Image
@@ -64,7 +55,7 @@ ImageRef = str | TarMember | Image.Image
 @dataclass(frozen=True)
 class Record:
     image: ImageRef
-    text: str  # the caption (pairs) or the class name (labelled data)
+    text: str  # the caption
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,26 +76,17 @@ def _split_spec(spec: str) -> tuple[str, str]:
 
 def read_pairs(spec: str) -> list[Record]:
     """Image-caption records of a data spec."""
-    return _read(spec, CAPTION_COLUMNS, "txt")
-
-
-def read_labelled(spec: str) -> list[Record]:
-    """Image-label records of a data spec (the record text is the class name)."""
-    return _read(spec, LABEL_COLUMNS, "cls")
-
-
-def _read(spec: str, text_columns: tuple[str, ...], wds_extension: str) -> list[Record]:
     scheme, location = _split_spec(spec)
     if not location:
         raise DataError(f"data spec {spec!r} names no file or folder")
     if scheme == "csv":
-        records = _read_table(Path(location), _csv_rows(Path(location)), text_columns)
+        records = _read_table(Path(location), _csv_rows(Path(location)))
     elif scheme == "jsonl":
-        records = _read_table(Path(location), _jsonl_rows(Path(location)), text_columns)
+        records = _read_table(Path(location), _jsonl_rows(Path(location)))
     elif scheme == "folder":
-        records = _read_caption_folder(Path(location)) if wds_extension == "txt" else _read_class_folder(Path(location))
+        records = _read_caption_folder(Path(location))
     else:
-        records = _read_tars(_expand_shards(location), wds_extension)
+        records = _read_tars(_expand_shards(location))
     if not records:
         raise DataError(f"data spec {spec!r} holds no usable samples")
     return records
@@ -114,8 +96,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     _check_file(path)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        for line, row in enumerate(reader, start=2):
-            yield line, row
+        yield from enumerate(reader, start=2)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
@@ -142,16 +123,14 @@ def _pick(row: dict[str, str], names: tuple[str, ...]) -> str | None:
     return next((name for name in names if name in row), None)
 
 
-def _read_table(
-    path: Path, rows: Iterator[tuple[int, dict[str, str]]], text_columns: tuple[str, ...]
-) -> list[Record]:
+def _read_table(path: Path, rows: Iterator[tuple[int, dict[str, str]]]) -> list[Record]:
     records = []
     for line, row in rows:
-        image_key, text_key = _pick(row, IMAGE_COLUMNS), _pick(row, text_columns)
+        image_key, text_key = _pick(row, IMAGE_COLUMNS), _pick(row, CAPTION_COLUMNS)
         if image_key is None or text_key is None:
             raise DataError(
                 f"{path}:{line}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a "
-                f"{text_columns[0]} column ({'/'.join(text_columns)}); found {sorted(row)}"
+                f"caption column ({'/'.join(CAPTION_COLUMNS)}); found {sorted(row)}"
             )
         image, text = row[image_key], row[text_key]
         if not isinstance(image, str) or not image or text is None or str(text) == "":
@@ -172,27 +151,9 @@ def _read_caption_folder(directory: Path) -> list[Record]:
     return records
 
 
-def _read_class_folder(directory: Path) -> list[Record]:
-    if not directory.is_dir():
-        raise DataError(f"no such data folder: {directory}")
-    return [
-        Record(str(image), class_dir.name)
-        for class_dir in sorted(p for p in directory.iterdir() if p.is_dir())
-        for image in sorted(class_dir.rglob("*"))
-        if image.suffix.lower() in IMAGE_SUFFIXES
-    ]
-
-
 def _expand_shards(location: str) -> list[Path]:
-    brace = re.search(r"\{(\d+)\.\.(\d+)\}", location)
-    if brace:
-        first, last = brace.group(1), brace.group(2)
-        width = len(first)
-        names = [
-            location[: brace.start()] + str(i).zfill(width) + location[brace.end() :]
-            for i in range(int(first), int(last) + 1)
-        ]
-        paths = [Path(name) for name in names]
+    if "{" in location:
+        paths = [Path(name) for name in expand_braces(location)]
     elif Path(location).is_dir():
         paths = sorted(Path(location).glob("*.tar"))
     elif any(c in location for c in "*?["):
@@ -205,7 +166,7 @@ def _expand_shards(location: str) -> list[Path]:
     return paths
 
 
-def _read_tars(paths: list[Path], text_extension: str) -> list[Record]:
+def _read_tars(paths: list[Path]) -> list[Record]:
     records = []
     for path in paths:
         images: dict[str, TarMember] = {}
@@ -221,8 +182,8 @@ def _read_tars(paths: list[Path], text_extension: str) -> list[Record]:
                         continue
                     key = f"{directory}/{stem}"
                     if extension.lower() in WDS_IMAGE_EXTENSIONS:
-                        images[key] = TarMember(str(path), member.offset_data, member.size)
-                    elif extension == text_extension:
+                        images[key] = TarMember(str(path), member.name, member.offset_data, member.size)
+                    elif extension == "txt":
                         texts[key] = tar.extractfile(member).read().decode("utf-8").strip()
         except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read tar shard: {exc}") from None
@@ -239,14 +200,9 @@ def load_image(ref: ImageRef) -> Image.Image:
     if isinstance(ref, Image.Image):
         return ref
     try:
-        if isinstance(ref, TarMember):
-            with open(ref.path, "rb") as f:
-                f.seek(ref.offset)
-                return open_image(f.read(ref.size))
-        return open_image(ref)
+        return open_image(ref.read() if isinstance(ref, TarMember) else ref)
     except ImageError as exc:
-        where = f"{ref.path}@{ref.offset}" if isinstance(ref, TarMember) else ref
-        raise DataError(f"{where}: {exc}") from None
+        raise DataError(f"{ref}: {exc}") from None
 
 
 def random_resized_crop_box(

@@ -1,4 +1,7 @@
-"""Linear probes: a linear classifier on a model's frozen, L2-normalised image features.
+"""Linear probes as a product: a linear classifier on a model's frozen, L2-normalised image features.
+
+Fitting is the evaluation harness's CLIP_benchmark recipe (`clipserve.eval.linear_probe`); this module adds
+what serving needs: class names, saving, loading and prediction.
 
 A probe directory holds `probe.safetensors` (`weight` [classes, embed_dim], `bias` [classes]) and `probe.json`
 (class names, the embedding size, and the model it was trained on), so a server can offer a fixed-class
@@ -16,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from clipserve.engine.model import Model
+from clipserve.eval.datasets import ClassificationSet
+from clipserve.eval.linear_probe import ProbeSettings, choose_weight_decay, split_validation, train_probe
+from clipserve.eval.runner import EvalConfig, encode_images
 from clipserve.io.checkpoints import atomic_write, read_safetensors, write_safetensors
 from clipserve.io.images import ImageInput
-from clipserve.train.data import Record, load_image
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_META = "probe.json"
@@ -81,33 +86,22 @@ class LinearProbe:
 
 
 def fit_linear_probe(
-    features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], model: str, l2: float = 1e-4, max_iter: int = 200
+    features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], model: str, settings: ProbeSettings
 ) -> LinearProbe:
-    """Multinomial logistic regression (cross-entropy + l2/2 ||W||^2) by full-batch L-BFGS: deterministic."""
-    features = F.normalize(features.float(), dim=-1)
-    weight = torch.zeros(len(classes), features.shape[1], requires_grad=True)
-    bias = torch.zeros(len(classes), requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels) + l2 / 2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return LinearProbe(tuple(classes), weight.detach(), bias.detach(), model)
+    """CLIP_benchmark's probe recipe (the evaluation harness's): weight decay chosen on a validation share of
+    the data when `settings.val_proportion` > 0, then a fit on all of it."""
+    features, labels = F.normalize(features.float(), dim=-1), labels.long()
+    weight_decay = 0.0
+    if settings.val_proportion > 0:
+        train, val = split_validation(features, labels, settings.val_proportion, settings.seed)
+        weight_decay = choose_weight_decay(train, val, len(classes), settings, progress=False)
+    linear = train_probe(features, labels, len(classes), weight_decay, settings)
+    return LinearProbe(tuple(classes), linear.weight.detach().clone(), linear.bias.detach().clone(), model)
 
 
-def train_linear_probe(model: Model, records: Sequence[Record], l2: float = 1e-4, max_iter: int = 200) -> LinearProbe:
-    """Fit a probe on labelled records (record text = class name); classes are sorted names."""
-    classes = sorted({r.text for r in records})
-    if len(classes) < 2:
-        raise ProbeError(f"a probe needs at least two classes, the data has {classes}")
-    index = {name: i for i, name in enumerate(classes)}
-    chunks = [
-        model.encode_image([load_image(r.image) for r in records[i : i + model.batch_size]], normalize=True)
-        for i in range(0, len(records), model.batch_size)
-    ]
-    labels = torch.tensor([index[r.text] for r in records])
-    return fit_linear_probe(torch.cat(chunks), labels, classes, model.info.source, l2, max_iter)
+def train_linear_probe(model: Model, dataset: ClassificationSet, settings: ProbeSettings = ProbeSettings()) -> LinearProbe:
+    """Fit a probe on a labelled dataset from the evaluation harness (`clipserve.eval.datasets.load_dataset`)."""
+    if len(dataset.classnames) < 2:
+        raise ProbeError(f"a probe needs at least two classes, {dataset.spec!r} has {dataset.classnames}")
+    features = encode_images(model, dataset.images, EvalConfig(dataset.spec, "linear_probe", progress=False))
+    return fit_linear_probe(features, torch.tensor(dataset.labels), dataset.classnames, model.info.source, settings)

@@ -371,7 +371,7 @@ def train(
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                        "logit_scale": float(module.logit_scale.exp()),
+                        "logit_scale": float(module.logit_scale.detach().exp()),
                         "samples_per_s": window_micro * global_batch / elapsed,
                     }
                     logger.write(record)

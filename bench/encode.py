@@ -1,0 +1,487 @@
+"""Encode throughput of clipserve's paths against open_clip, transformers and ONNX Runtime, in one process.
+
+    .venv/bin/python bench/encode.py                       # everything (ViT-B-32, ViT-B-16, xlm-roberta text)
+    .venv/bin/python bench/encode.py --models ViT-B-32 --workloads image32,e2e32 --repeats 3
+
+Random weights (open_clip 3.3.0's architectures, randomised like tests/checkpoint_factory.py), real photos
+(scikit-image / scikit-learn) as 1024x768 JPEGs for the end-to-end rows. For every (model, workload) it prints
+items/s (median of `--repeats` timed runs after one warm-up), the process's RSS and peak RSS, the cosine to fp32
+open_clip (min over the distinct inputs) and the same cosine with the batch mean removed (random weights make
+all embeddings nearly parallel), and the ratio to the best peer. Paths whose one-item warm-up predicts more
+than `--budget` seconds per timed run are skipped and say so (bf16 on CPUs without AVX-512 BF16, for one).
+Results go to bench/results/encode-<host>-<time>.json together with the machine load, which matters: numbers
+taken while other processes run are low and noisy; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(
+    0, str(ROOT / "tests")
+)  # oracles.py (open_clip with torchvision stubbed), checkpoint_factory.py
+
+from checkpoint_factory import randomize, write_open_clip_dir, write_xlmr_tokenizer_json  # noqa: E402
+from oracles import open_clip, transformers  # noqa: E402
+
+import clipserve  # noqa: E402
+from clipserve.engine.fast import ThreadPlan  # noqa: E402
+
+MODELS = ("ViT-B-32", "ViT-B-16", "xlm-roberta-base-ViT-B-32")
+WORKLOADS = ("image1", "image32", "e2e32", "text1", "text256")
+XLMR = "xlm-roberta-base-ViT-B-32"
+LABELS = (
+    "golden retriever", "tabby cat", "espresso machine", "space shuttle", "red double-decker bus", "sunflower",
+    "mountain bike", "grand piano", "lighthouse", "strawberry", "fire truck", "snowy owl", "sailboat", "pizza",
+)  # fmt: skip
+TEMPLATES = (
+    "a photo of a {}.", "a blurry photo of the {}.", "a close-up photo of a large {}.", "a {} in the wild.",
+    "an old black and white photograph of a {}.", "a painting of a {} on a sunny afternoon.",
+)  # fmt: skip
+
+
+@dataclass
+class Row:
+    model: str
+    workload: str
+    path: str
+    peer: bool
+    items_per_s: float | None = None
+    runs_s: list[float] = field(default_factory=list)
+    rss_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+    cosine_min: float | None = None
+    centred_cosine_min: float | None = None
+    ratio_to_best_peer: float | None = None
+    note: str = ""
+
+
+def rss_mib() -> tuple[float, float]:
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def cosines(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    out, ref = out.float(), ref.float()
+    plain = F.cosine_similarity(out, ref, dim=-1).min().item()
+    centred = F.cosine_similarity(out - out.mean(0), ref - ref.mean(0), dim=-1).min().item()
+    return plain, centred
+
+
+def photos_jpeg(size: tuple[int, int] = (1024, 768)) -> list[bytes]:
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), *load_sample_images().images]
+    out = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(array).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(
+            buffer, "JPEG", quality=90
+        )
+        out.append(buffer.getvalue())
+    return out
+
+
+def prompts(n: int) -> list[str]:
+    """Zero-shot style prompts, 7-16 CLIP tokens; cycled over label x template."""
+    return [
+        TEMPLATES[i % len(TEMPLATES)].format(LABELS[(i // len(TEMPLATES)) % len(LABELS)]) for i in range(n)
+    ]
+
+
+def cycle(items: list, n: int) -> list:
+    return [items[i % len(items)] for i in range(n)]
+
+
+def measure(
+    fn: Callable[[], torch.Tensor], items: int, repeats: int, budget: float
+) -> tuple[list[float], str]:
+    """Warm up once, then time `repeats` runs (fewer if they would exceed 3x `budget` in total)."""
+    start = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - start
+    runs: list[float] = []
+    for _ in range(repeats):
+        if runs and sum(runs) + warm > 3 * budget:
+            break
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return runs, f"{len(runs)} runs" if len(runs) < repeats else ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[Row] = []
+        self.photos = photos_jpeg()
+        self.tmp = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
+        os.environ.setdefault("CLIPSERVE_CACHE", str(self.tmp / "cache"))
+        self.per_item: dict[tuple[str, str], float] = {}  # (model, path) -> seconds per item at batch 1
+
+    # -- running one cell ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        model: str,
+        workload: str,
+        path: str,
+        fn: Callable[[list], torch.Tensor],
+        inputs: list,
+        reference: torch.Tensor | None,
+        *,
+        peer: bool,
+        distinct: int,
+    ) -> None:
+        if self.args.paths and not any(p in path for p in self.args.paths):
+            return
+        row = Row(model, workload, path, peer)
+        # e2e rows ("<path> exact-decode seq") borrow the model-only batch-1 timing of their path
+        key = (model, path.split(" exact-decode")[0].split(" fast-decode")[0], workload.startswith("text"))
+        estimate = self.per_item.get(key, 0.0) * len(inputs)
+        try:
+            if estimate > self.args.budget:
+                row.note = (
+                    f"skipped: warm-up predicts {estimate:.0f} s per run > --budget {self.args.budget:.0f}"
+                )
+            else:
+                with torch.inference_mode():
+                    out = fn(inputs)
+                    if len(inputs) == 1:
+                        start = time.perf_counter()
+                        fn(inputs)
+                        self.per_item[key] = time.perf_counter() - start
+                    runs, row.note = measure(
+                        lambda: fn(inputs), len(inputs), self.args.repeats, self.args.budget
+                    )
+                row.runs_s = [round(r, 4) for r in runs]
+                row.items_per_s = round(len(inputs) / statistics.median(runs), 2)
+                if reference is not None:
+                    row.cosine_min, row.centred_cosine_min = (
+                        round(c, 5) for c in cosines(out[:distinct], reference)
+                    )
+        except Exception as exc:  # a peer that cannot run here must not stop the others
+            row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        row.rss_mib, row.peak_rss_mib = (round(v) for v in rss_mib())
+        self.rows.append(row)
+        self.print_row(row)
+
+    def print_row(self, row: Row) -> None:
+        rate = f"{row.items_per_s:9.2f}" if row.items_per_s is not None else "        -"
+        cos = (
+            f"{row.cosine_min:.5f}/{row.centred_cosine_min:.4f}"
+            if row.cosine_min is not None
+            else "       -      "
+        )
+        print(
+            f"{row.model:26s} {row.workload:8s} {('peer ' if row.peer else '') + row.path:34s} {rate} /s  "
+            f"cos {cos}  rss {row.rss_mib:5.0f}/{row.peak_rss_mib:5.0f} MiB  {row.note}",
+            flush=True,
+        )
+
+    # -- models ---------------------------------------------------------------------------------------------
+
+    def open_clip_checkpoint(self, name: str) -> tuple[torch.nn.Module, Path]:
+        oc = open_clip()
+        cfg = oc.get_model_config(name)
+        if name == XLMR:
+            from open_clip.model import CustomTextCLIP
+
+            hf_dir = self.tmp / "xlm-roberta-base-config"
+            transformers().XLMRobertaConfig(
+                vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+            ).save_pretrained(hf_dir)  # fmt: skip
+            cfg = {
+                **cfg,
+                "text_cfg": {**cfg["text_cfg"], "hf_model_name": str(hf_dir), "hf_model_pretrained": False},
+            }
+            reference = randomize(CustomTextCLIP(**cfg)).eval()
+        else:
+            reference = randomize(oc.create_model(name)).eval()
+        directory = write_open_clip_dir(self.tmp / name, reference, cfg)
+        if name == XLMR:
+            write_xlmr_tokenizer_json(directory / "tokenizer.json")
+        return reference, directory
+
+    def clipserve_paths(self, directory: Path) -> dict[str, clipserve.Model]:
+        specs = {
+            "clipserve fp32": {},
+            "clipserve bf16": {"precision": "bf16"},
+            "clipserve int8": {"precision": "int8"},
+            "clipserve onnx-fp32": {"backend": "onnx"},
+            "clipserve onnx-int8": {"backend": "onnx", "precision": "int8"},
+        }
+        models = {}
+        for path, kwargs in specs.items():
+            if self.args.paths and not any(p in path for p in self.args.paths):
+                continue
+            start = time.perf_counter()
+            models[path] = clipserve.load(str(directory), batch_size=256, **kwargs)
+            print(f"  loaded {path} in {time.perf_counter() - start:.1f} s", flush=True)
+        return models
+
+    # -- one architecture -------------------------------------------------------------------------------------
+
+    def bench_model(self, name: str) -> None:
+        print(f"\n== {name}", flush=True)
+        reference, directory = self.open_clip_checkpoint(name)
+        paths = self.clipserve_paths(directory)
+        tokenizer = next(iter(paths.values())).tokenize if paths else clipserve.load(str(directory)).tokenize
+        oc = open_clip()
+        oc_tokenizer = oc.get_tokenizer(name) if name != XLMR else None
+        peers = self.peers(name, reference, directory)
+        pre = oc.image_transform(reference.visual.image_size[0], is_train=False) if name != XLMR else None
+        distinct_images = len(self.photos)
+
+        for workload in self.args.workloads:
+            if name == XLMR and not workload.startswith("text"):
+                continue  # the xlm-roberta model's image tower is ViT-B-32's
+            n = int(workload.removeprefix("image").removeprefix("e2e").removeprefix("text"))
+            if workload.startswith("text"):
+                texts = cycle(prompts(32), n)
+                ids = tokenizer(texts)
+                oc_ids = oc_tokenizer(texts) if oc_tokenizer else ids
+                with torch.inference_mode():
+                    ref = reference.encode_text(oc_ids[:32] if n >= 32 else oc_ids).float()
+                distinct = min(n, 32)
+                for path, m in paths.items():
+                    self.run(name, workload, path, lambda x, m=m: m.encode_tokens(x), ids, ref, peer=False,
+                             distinct=distinct)  # fmt: skip
+                for path, fn in peers["text"].items():
+                    self.run(name, workload, path, fn, oc_ids, ref, peer=True, distinct=distinct)
+            else:
+                jpegs = cycle(self.photos, n)
+                pixels = torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
+                with torch.inference_mode():
+                    ref = reference.encode_image(pixels[:distinct_images]).float()
+                distinct = min(n, distinct_images)
+                if workload.startswith("image"):
+                    for path, m in paths.items():
+                        self.run(name, workload, path, lambda x, m=m: m.encode_pixels(x), pixels, ref, peer=False,
+                                 distinct=distinct)  # fmt: skip
+                    for path, fn in peers["image"].items():
+                        self.run(name, workload, path, fn, pixels, ref, peer=True, distinct=distinct)
+                else:
+                    self.bench_e2e(name, workload, paths, peers, pre, jpegs, ref, distinct)
+        del peers, paths, reference
+
+    def bench_e2e(self, name, workload, paths, peers, pre, jpegs, ref, distinct) -> None:
+        """From JPEG bytes: decode + preprocess + model. clipserve runs sequential (all cores infer, decode
+        inline) and overlapped (`ThreadPlan`: decode workers + the remaining cores infer)."""
+        cores = ThreadPlan.for_cores()
+        torch_threads = torch.get_num_threads()
+        for path, m in paths.items():
+            for fast in (False, True):
+                label = f"{path} {'fast' if fast else 'exact'}-decode"
+                self.run(name, workload, label + " seq",
+                         lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast, decode_workers=0),
+                         jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
+                if "onnx" in path:
+                    continue  # ORT sessions keep the thread count they were made with: no overlap variant
+                cores.apply()
+                try:
+                    self.run(name, workload, label + " overlap",
+                             lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast,
+                                                                      decode_workers=cores.decode_workers),
+                             jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
+                finally:
+                    torch.set_num_threads(torch_threads)
+
+        def with_open_clip_preprocess(fn):
+            return lambda x: fn(torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in x]))
+
+        for path, fn in peers["image"].items():
+            self.run(
+                name, workload, path, with_open_clip_preprocess(fn), jpegs, ref, peer=True, distinct=distinct
+            )
+
+    # -- peers ---------------------------------------------------------------------------------------------
+
+    def peers(self, name: str, reference: torch.nn.Module, directory: Path) -> dict[str, dict[str, Callable]]:
+        import copy
+
+        image: dict[str, Callable] = {}
+        text: dict[str, Callable] = {}
+        bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+        image["open_clip fp32"] = lambda x: reference.encode_image(x)
+        image["open_clip bf16-weights"] = lambda x: bf16.encode_image(x.to(torch.bfloat16)).float()
+        text["open_clip fp32 (77 tok)"] = lambda x: reference.encode_text(x)
+        text["open_clip bf16-weights (77 tok)"] = lambda x: bf16.encode_text(x).float()
+        if name != XLMR:
+            hf = self.hf_model(directory)
+            if hf is not None:
+                image["transformers fp32-sdpa"] = lambda x: hf.get_image_features(pixel_values=x)
+                text["transformers fp32-sdpa (longest)"] = lambda x: hf.get_text_features(**hf_text_inputs(x))
+
+                def hf_image_autocast(x: torch.Tensor) -> torch.Tensor:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return hf.get_image_features(pixel_values=x).float()
+
+                def hf_text_autocast(x: torch.Tensor) -> torch.Tensor:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return hf.get_text_features(**hf_text_inputs(x)).float()
+
+                image["transformers bf16-autocast"] = hf_image_autocast
+                text["transformers bf16-autocast (longest)"] = hf_text_autocast
+            for precision in ("fp32", "int8"):
+                session = self.ort_open_clip_image(name, reference, precision)
+                image[f"onnxruntime(open_clip) {precision}"] = lambda x, s=session: torch.from_numpy(
+                    s.run(None, {"pixels": x.numpy()})[0]
+                )
+        return {"image": image, "text": text}
+
+    def hf_model(self, directory: Path):
+        from clipserve.io import checkpoints
+
+        cfg, _, state = checkpoints.read_directory(directory)
+        tf = transformers()
+        config = tf.CLIPConfig.from_dict(checkpoints.model_to_hf_config(cfg))
+        model = tf.CLIPModel(config)
+        model.load_state_dict(checkpoints.to_hf(state), strict=False)
+        model.config._attn_implementation = "sdpa"
+        return model.eval()
+
+    def ort_open_clip_image(self, name: str, reference: torch.nn.Module, precision: str):
+        """open_clip's image tower exported the way its users do (legacy exporter, dynamic batch)."""
+        import onnxruntime as ort
+
+        path = self.tmp / f"{name}-open_clip-image.onnx"
+        if not path.exists():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                torch.onnx.export(
+                    reference.visual, (torch.zeros(2, 3, 224, 224),), str(path), input_names=["pixels"],
+                    output_names=["embeddings"], dynamic_axes={"pixels": {0: "batch"}, "embeddings": {0: "batch"}},
+                    opset_version=17, dynamo=False,
+                )  # fmt: skip
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = path.with_suffix(".int8.onnx")
+            if not quantized.exists():
+                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+            path = quantized
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    # -- summary -----------------------------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        best: dict[tuple[str, str], float] = {}
+        for row in self.rows:
+            if row.peer and row.items_per_s:
+                key = (row.model, row.workload)
+                best[key] = max(best.get(key, 0.0), row.items_per_s)
+        print("\n== ratio to the best peer (same model and workload)")
+        for row in self.rows:
+            peer_best = best.get((row.model, row.workload))
+            if row.items_per_s and peer_best and not row.peer:
+                row.ratio_to_best_peer = round(row.items_per_s / peer_best, 2)
+                print(f"{row.model:26s} {row.workload:8s} {row.path:44s} {row.ratio_to_best_peer:5.2f}x")
+        out_dir = ROOT / "bench" / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = out_dir / f"encode-{platform.node() or 'host'}-{stamp}.json"
+        load_end = os.getloadavg()
+        out.write_text(
+            json.dumps(
+                {
+                    "argv": sys.argv,
+                    "machine": {
+                        "cpu": cpu_name(),
+                        "cores": os.cpu_count(),
+                        "torch": torch.__version__,
+                        "torch_threads": torch.get_num_threads(),
+                        "loadavg_start": self.load_start,
+                        "loadavg_end": load_end,
+                    },
+                    "rows": [asdict(r) for r in self.rows],
+                },
+                indent=1,
+            )  # fmt: skip
+        )
+        print(f"\nload average at start {self.load_start}, at end {load_end}; wrote {out}")
+        return out
+
+
+def hf_text_inputs(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers users pad to the longest prompt (processor(padding=True)); trim open_clip's 77-token ids."""
+    length = int(ids.argmax(dim=-1).max()) + 1
+    ids = ids[:, :length]
+    mask = torch.ones_like(ids)
+    for row, eot in enumerate(ids.argmax(dim=-1).tolist()):
+        mask[row, eot + 1 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--paths", default="", help="only paths whose name contains one of these (comma-separated)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per cell after one warm-up (median)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=20.0, help="skip cells predicted slower than this (s/run)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.paths = [p for p in args.paths.split(",") if p]
+    unknown = set(args.models) - set(MODELS) | set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown models/workloads: {sorted(unknown)}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    np.random.seed(0)
+    bench = Bench(args)
+    bench.load_start = os.getloadavg()
+    print(
+        f"cpu {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {bench.load_start}"
+    )
+    for name in args.models:
+        bench.bench_model(name)
+    bench.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

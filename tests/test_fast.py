@@ -1,0 +1,288 @@
+"""Fast paths keep the embeddings: int8 / bf16 / fp16, the ONNX backend, fast decode, length-sorted text
+batches, the decode pool and thread plans.
+
+Random weights make unrelated photos' embeddings nearly parallel (cosine ~0.98), so every cosine is also
+checked with the batch mean removed from both sides (`centred_cosine`), and on the trained digits model.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clipserve
+from clipserve.engine import onnx_backend
+from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorted_chunks, normalise_uint8
+from clipserve.engine.pipeline import DecodePool
+from clipserve.engine.quantize import Int8Attention
+from clipserve.io.images import ImageError
+
+PROMPTS = [
+    "a photo of an astronaut.",
+    "a cat",
+    "a cup of coffee on a wooden table next to a newspaper, seen from above",
+    "a rocket on the launch pad",
+    "the great wall of china in autumn with mountains behind it",
+    "a flower",
+    "x",
+]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a, b, dim=-1)
+
+
+def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine after removing each side's batch mean: what distinguishes the rows, not what they share."""
+    return cosine(a - a.mean(0), b - b.mean(0))
+
+
+def photo_jpegs() -> list[bytes]:
+    """The six real photos (scikit-image, scikit-learn), upscaled to 1024 px wide JPEGs like uploads."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), *load_sample_images().images]
+    out = []
+    for array in arrays:
+        image = Image.fromarray(array).convert("RGB")
+        image = image.resize((1024, round(1024 * image.height / image.width)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    return photo_jpegs()
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
+    root = tmp_path_factory.mktemp("clipserve-cache")
+    monkeypatch_module.setenv("CLIPSERVE_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def vit_b32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from checkpoint_factory import open_clip_model, write_open_clip_dir
+    from oracles import open_clip
+
+    oc = open_clip()
+    cfg = oc.get_model_config("ViT-B-32")
+    return write_open_clip_dir(tmp_path_factory.mktemp("b32") / "vit-b-32", open_clip_model("ViT-B-32"), cfg)
+
+
+@pytest.fixture(scope="module")
+def vit_b32_reference(vit_b32_checkpoint: Path, photos: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    model = clipserve.load(str(vit_b32_checkpoint))
+    return model.encode_image(photos), model.encode_text(PROMPTS)
+
+
+# -- precision paths on ViT-B/32 (real architecture, random weights) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "image_min", "text_min"),
+    [("int8", 0.995, 0.995), ("bf16", 0.995, 0.995), ("fp16", 0.9999, 0.9999)],
+)
+def test_precision_keeps_cosine_on_photos(
+    vit_b32_checkpoint: Path,
+    vit_b32_reference,
+    photos: list[bytes],
+    precision: str,
+    image_min: float,
+    text_min: float,
+) -> None:
+    ref_image, ref_text = vit_b32_reference
+    model = clipserve.load(str(vit_b32_checkpoint), precision=precision)
+    image, text = model.encode_image(photos), model.encode_text(PROMPTS)
+    assert image.dtype == torch.float32 and image.shape == ref_image.shape
+    assert cosine(image, ref_image).min() >= image_min
+    assert cosine(text, ref_text).min() >= text_min
+    # with the shared direction removed the threshold is looser but still far above unrelated rows (~0)
+    assert centred_cosine(image, ref_image).min() >= 0.95
+    assert centred_cosine(text, ref_text).min() >= 0.95
+
+
+def test_int8_quantises_every_block_projection(vit_b32_checkpoint: Path) -> None:
+    model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
+    attentions = [m for m in model.module.modules() if isinstance(m, Int8Attention)]
+    assert len(attentions) == 24  # 12 vision + 12 text blocks, packed q/k/v included
+    float_linears = [n for n, m in model.module.named_modules() if type(m) is torch.nn.Linear]
+    assert float_linears == []
+    assert model.info.parameters == clipserve.load(str(vit_b32_checkpoint)).info.parameters
+
+
+def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]) -> None:
+    model = clipserve.load(str(vit_b32_checkpoint))
+    fast = model.encode_image(photos, fast_decode=True)
+    assert cosine(fast, vit_b32_reference[0]).min() >= 0.995
+    assert centred_cosine(fast, vit_b32_reference[0]).min() >= 0.9
+
+
+# -- ONNX backend ---------------------------------------------------------------------------------------
+
+
+def test_onnx_export_matches_torch_dynamic_batch_and_length(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = clipserve.load(str(tiny_checkpoint))
+    directory = onnx_backend.export(model.module, tmp_path / "onnx")
+    image = ort.InferenceSession(
+        str(directory / onnx_backend.IMAGE_GRAPH), providers=["CPUExecutionProvider"]
+    )
+    text = ort.InferenceSession(str(directory / onnx_backend.TEXT_GRAPH), providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 5):  # the export example had batch 2
+        pixels = torch.randn(batch, 3, 32, 32)
+        (out,) = image.run(None, {"pixels": pixels.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model.encode_pixels(pixels), atol=1e-4, rtol=1e-4)
+    for prompts in (
+        ["a"],
+        PROMPTS,
+        ["a much longer prompt than the example had, with many more tokens in it"] * 3,
+    ):
+        tokens = model.tokenize(prompts)
+        trimmed = tokens[:, : int(model.module.token_lengths(tokens).max())]
+        assert trimmed.shape[1] != 8 or len(prompts) != 2  # not the example's shape
+        (out,) = text.run(None, {"tokens": trimmed.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model.encode_tokens(tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("precision", "minimum"), [("fp32", 0.99999), ("int8", 0.995)])
+def test_onnx_backend_through_load(
+    tiny_checkpoint: Path, onnx_cache: Path, photos, precision, minimum
+) -> None:
+    reference = clipserve.load(str(tiny_checkpoint))
+    model = clipserve.load(str(tiny_checkpoint), backend="onnx", precision=precision)
+    assert model.info.backend == "onnx" and model.info.parameters == reference.info.parameters
+    assert cosine(model.encode_image(photos), reference.encode_image(photos)).min() >= minimum
+    assert cosine(model.encode_text(PROMPTS), reference.encode_text(PROMPTS)).min() >= minimum
+    from clipserve.engine.loading import resolve
+
+    key = onnx_backend.checkpoint_key(resolve(str(tiny_checkpoint)).state)
+    assert (onnx_cache / "onnx" / key / onnx_backend.IMAGE_GRAPH).is_file()  # cached per weights, reused
+
+
+def test_onnx_backend_refuses_what_it_cannot_run(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="backend='onnx'"):
+        clipserve.load(str(tiny_checkpoint), backend="onnx", precision="bf16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        clipserve.load(str(tiny_checkpoint), backend="tensorrt")
+
+
+@pytest.mark.slow
+def test_onnx_int8_keeps_cosine_on_vit_b32(
+    vit_b32_checkpoint: Path, vit_b32_reference, photos, onnx_cache
+) -> None:
+    model = clipserve.load(str(vit_b32_checkpoint), backend="onnx", precision="int8")
+    image, text = model.encode_image(photos), model.encode_text(PROMPTS)
+    assert cosine(image, vit_b32_reference[0]).min() >= 0.995
+    assert cosine(text, vit_b32_reference[1]).min() >= 0.995
+    assert centred_cosine(image, vit_b32_reference[0]).min() >= 0.95
+
+
+def test_export_command_writes_both_graphs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from clipserve.cli.main import main
+
+    assert main(["export", "onnx", str(tiny_checkpoint), "--output", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").glob("*.onnx")} == {"image.onnx", "text.onnx"}
+
+
+# -- trained model ---------------------------------------------------------------------------------------
+
+
+def test_fast_paths_on_trained_digits_model(digits_checkpoint: Path, onnx_cache: Path) -> None:
+    from clipserve.train.digits import load_split
+
+    split = load_split("heldout")
+    images, captions = split.images[:64], split.captions[:64]
+    reference = clipserve.load(str(digits_checkpoint))
+    ref_image, ref_text = reference.encode_image(images), reference.encode_text(captions)
+    for kwargs in ({"precision": "int8"}, {"precision": "bf16"}, {"backend": "onnx", "precision": "int8"}):
+        model = clipserve.load(str(digits_checkpoint), **kwargs)
+        image, text = model.encode_image(images), model.encode_text(captions)
+        assert cosine(image, ref_image).min() >= 0.995, kwargs
+        assert cosine(text, ref_text).min() >= 0.995, kwargs
+        assert centred_cosine(image, ref_image).min() >= 0.98, kwargs
+        # the ranking the model is for: each image's best caption is unchanged on nearly every row
+        same = (image @ text.T).argmax(1) == (ref_image @ ref_text.T).argmax(1)
+        assert same.float().mean() >= 0.95, kwargs
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def test_length_sorted_batches_restore_order_and_match(tiny_model) -> None:
+    tokens = tiny_model.tokenize(PROMPTS * 3)
+    whole = tiny_model.module.encode_text(tokens)
+    lengths = tiny_model.module.token_lengths(tokens)
+    chunks = length_sorted_chunks(lengths, 4)
+    assert [len(c) for c in chunks] == [4, 4, 4, 4, 4, 1]
+    assert all(lengths[a].min() >= lengths[b].max() for a, b in zip(chunks, chunks[1:], strict=False))
+    with torch.inference_mode():
+        sorted_out = encode_length_sorted(tokens, lengths, 4, tiny_model.module.encode_text)
+    torch.testing.assert_close(sorted_out, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_normalise_uint8_is_bit_identical_to_preprocessing(tiny_model, photos: list[bytes]) -> None:
+    with DecodePool(tiny_model.preprocessor, workers=2) as pool:
+        batch = pool.decode(photos)
+    cfg = tiny_model.preprocess_cfg
+    assert torch.equal(normalise_uint8(batch, cfg.mean, cfg.std), tiny_model.preprocessor.batch(photos))
+
+
+def test_decode_pool_overlaps_batches_and_reports_bad_images(tiny_model, photos: list[bytes]) -> None:
+    with DecodePool(tiny_model.preprocessor, workers=2) as pool:
+        batches = list(pool.batches(photos, 4))
+        assert [b.shape[0] for b in batches] == [4, 2]
+        assert torch.equal(torch.cat(batches), pool.decode(photos))
+        with pytest.raises(ImageError):
+            list(pool.batches([*photos[:3], b"not an image"], 2))
+    with DecodePool(tiny_model.preprocessor, workers=0) as inline:
+        assert torch.equal(inline.decode(photos), torch.cat(batches))
+
+
+def test_encode_image_pipeline_equals_exact_preprocessing(tiny_model, photos: list[bytes]) -> None:
+    exact = tiny_model.encode_pixels(tiny_model.preprocessor.batch(photos))
+    for workers in (0, 1, 3):
+        assert torch.equal(tiny_model.encode_image(photos, decode_workers=workers), exact)
+
+
+def test_thread_plan_never_oversubscribes() -> None:
+    for cores in (1, 2, 4, 16):
+        plan = ThreadPlan.for_cores(cores)
+        assert plan.decode_workers >= 1 and plan.inference_threads >= 1
+        assert plan.inference_threads + plan.decode_workers <= max(cores, 2)
+    assert ThreadPlan.for_cores(2) == ThreadPlan(inference_threads=1, decode_workers=1)
+    assert ThreadPlan.for_cores(16) == ThreadPlan(inference_threads=12, decode_workers=4)
+    assert ThreadPlan.for_cores(2, decode_workers=0) == ThreadPlan(inference_threads=2, decode_workers=0)
+    before = torch.get_num_threads()
+    try:
+        ThreadPlan(inference_threads=1, decode_workers=1).apply()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_uint8_buffer_is_written_in_place(tiny_model, photos: list[bytes]) -> None:
+    pool = DecodePool(tiny_model.preprocessor, workers=1)
+    batch = pool.decode(photos[:1])
+    pool.close()
+    assert batch.dtype == torch.uint8 and batch.shape == (1, 32, 32, 3)
+    expected = tiny_model.preprocessor.to_uint8(Image.open(io.BytesIO(photos[0])))
+    assert np.array_equal(batch[0].numpy(), expected)
