@@ -29,7 +29,11 @@ serve: install
 demo: install
 	$(VENV)/bin/clipserve demo --host $(HOST) --port $(PORT) $(ARGS)
 
-test: install
+# Debian's Chromium for the playground's browser tests (Playwright drives it; it never downloads a browser).
+/usr/bin/chromium:
+	apt-get update -qq && apt-get install -y -qq chromium
+
+test: install /usr/bin/chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

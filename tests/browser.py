@@ -20,12 +20,20 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
 CHROMIUM = Path("/usr/bin/chromium")
-# Without the background-networking flags Chromium keeps calling Google's hosts, which a closed network refuses.
+# Without the background-networking flags Chromium keeps calling Google's hosts, refused on a closed network.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-    "--no-first-run", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
 ]
-INSTALL_STEP = "run `make test`, whose install step runs `apt-get install -y chromium` and `pip install playwright`"
+INSTALL_STEP = (
+    "run `make test`: its install step runs `apt-get install -y chromium` and `pip install playwright`"
+)
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 375, "height": 667}
 
@@ -57,9 +65,9 @@ def chromium() -> Iterator[Browser]:
 
 @dataclass
 class PageWatch:
-    """What went wrong in a page: script errors, console errors, and requests that left `origin`."""
+    """What went wrong in a page: script errors, console errors, and requests to anything but `origins`."""
 
-    origin: str
+    origins: tuple[str, ...]
     problems: list[str] = field(default_factory=list)
 
     def attach(self, page: Page) -> Page:
@@ -69,21 +77,23 @@ class PageWatch:
         return page
 
     def _console(self, message) -> None:
-        # HTTP errors the page asked for (a 401 for a bad key) are logged by Chromium too; the page shows them.
+        # Chromium also logs the HTTP errors the page asked for (a 401 for a bad key); the page shows those.
         if message.type == "error" and not message.text.startswith("Failed to load resource"):
             self.problems.append(f"console error: {message.text}")
 
     def _request(self, request) -> None:
-        if not request.url.startswith((self.origin + "/", "data:", "blob:")):
+        if not request.url.startswith((*(origin + "/" for origin in self.origins), "data:", "blob:")):
             self.problems.append(f"request outside the server: {request.url}")
 
 
 @contextmanager
-def open_page(browser: Browser, origin: str, viewport: dict[str, int] = DESKTOP) -> Iterator[Page]:
+def open_page(
+    browser: Browser, origin: str, viewport: dict[str, int] = DESKTOP, also_allowed: tuple[str, ...] = ()
+) -> Iterator[Page]:
     """A page in a fresh context (empty sessionStorage) at `origin`/; fails the test if the page had script
-    errors, console errors or requests to anything but the server."""
+    errors, console errors or requests to anything but the server (and the `also_allowed` origins)."""
     context = browser.new_context(viewport=viewport)
-    watch = PageWatch(origin)
+    watch = PageWatch((origin, *also_allowed))
     page = watch.attach(context.new_page())
     try:
         page.goto(origin + "/")

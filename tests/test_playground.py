@@ -4,45 +4,36 @@ end-to-end runs in headless Chromium against a real server on loopback with the 
 from __future__ import annotations
 
 import argparse
+import http.server
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
-import test_server_support
 from browser import PHONE, chromium, open_page, screenshot
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from test_server_support import API_KEY, AUTH, encode, live_server, settings_for
 
-from clipserve.api.playground import ASSETS_PATH, CONTENT_SECURITY_POLICY, STATIC_DIR, mount_playground
+from clipserve.api import create_app
+from clipserve.api.playground import (
+    ASSETS_PATH,
+    CONTENT_SECURITY_POLICY,
+    STATIC_DIR,
+)
 from clipserve.cli import demo
 from clipserve.cli.main import CLIError
 from clipserve.collections import CollectionStore, query_vector
 from clipserve.io.fetch import FetchPolicy
 from clipserve.train.digits import CLASSNAMES, TEMPLATES, load_split
 
-create_app = test_server_support.create_app
-
-
-def with_playground(app: FastAPI) -> FastAPI:
-    """The app as `create_app` will make it: until the app factory includes the collections routes and
-    mounts the playground itself, add what is missing."""
-    from clipserve.api.routes_collections import router
-
-    paths = {getattr(route, "path", "") for route in app.routes}
-    if "/v1/collections" not in paths:
-        app.include_router(router)
-    if "/" not in paths:
-        mount_playground(app)
-    return app
-
 
 def playground_client(tmp_path: Path, model, **overrides) -> TestClient:
-    return TestClient(with_playground(create_app(settings_for(tmp_path, **overrides), {"tiny": model})))
+    return TestClient(create_app(settings_for(tmp_path, **overrides), {"tiny": model}))
 
 
 # -- the page and its assets ------------------------------------------------------------------------------
@@ -56,8 +47,12 @@ def test_page_is_public_and_says_what_the_server_offers(tmp_path: Path, tiny_mod
         assert 'data-auth="required"' in page.text and 'data-url-fetch="disabled"' in page.text
         assert client.get("/v1/models").status_code == 401  # the page is public, the API is not
     fetching = FetchPolicy(enabled=True, allowed_hosts=("images.example.org",))
-    with playground_client(tmp_path / "open", tiny_model, fetch=fetching,
-                           auth=replace(settings_for(tmp_path).auth, api_keys=(), no_auth=True)) as client:
+    with playground_client(
+        tmp_path / "open",
+        tiny_model,
+        fetch=fetching,
+        auth=replace(settings_for(tmp_path).auth, api_keys=(), no_auth=True),
+    ) as client:
         page = client.get("/").text
         assert 'data-auth="none"' in page and 'data-url-fetch="enabled"' in page
 
@@ -71,13 +66,17 @@ def test_assets_come_from_the_package_and_nothing_from_elsewhere(tmp_path: Path,
             assert response.status_code == 200 and response.headers["content-type"].startswith(kind), path
         assert client.get(f"{ASSETS_PATH}/missing.js").json()["error"]["type"] == "not_found_error"
     for asset in [STATIC_DIR.parent / "index.html", *STATIC_DIR.iterdir()]:
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", asset.read_text()), f"external URL in {asset}"
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", asset.read_text()), (
+            f"external URL in {asset}"
+        )
 
 
 # -- clipserve demo -----------------------------------------------------------------------------------------
 
 
-def test_demo_collection_is_filled_once_and_served(tmp_path: Path, digits_checkpoint: Path, digits_model) -> None:
+def test_demo_collection_is_filled_once_and_served(
+    tmp_path: Path, digits_checkpoint: Path, digits_model
+) -> None:
     store = CollectionStore(tmp_path / "collections")
     sources = demo.demo_sources()
     assert len(sources) == len(load_split("heldout").images) + len(demo.PHOTOS)
@@ -85,7 +84,7 @@ def test_demo_collection_is_filled_once_and_served(tmp_path: Path, digits_checkp
     assert first == len({s.data for s in sources})  # every distinct image, nothing skipped but duplicates
     assert demo.fill_demo_collection(store, digits_model, digits_checkpoint).count() == first  # reused as is
 
-    app = with_playground(demo.demo_app(digits_checkpoint, digits_model, store, API_KEY, tmp_path / "state"))
+    app = demo.demo_app(digits_checkpoint, digits_model, store, API_KEY, tmp_path / "state")
     with TestClient(app) as client:
         assert 'data-auth="required"' in client.get("/").text
         (card,) = client.get("/v1/collections", headers=AUTH).json()["data"]
@@ -105,7 +104,7 @@ def test_demo_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # refused before training anything
 
 
-# -- in the browser --------------------------------------------------------------------------------------------
+# -- in the browser ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: Path, digits_model, tiny_model) -> Iterator[Served]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, digits_checkpoint: Path, digits_model, tiny_model
+) -> Iterator[Served]:
     """The digits model (and the tiny one, to compare) behind a real server with the demo collection."""
     tmp = tmp_path_factory.mktemp("playground")
     store = CollectionStore(tmp / "collections")
     demo.fill_demo_collection(store, digits_model, digits_checkpoint)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLIPSERVE_COLLECTIONS", str(store.root))  # where the server's collection routes look
-        patch.setattr(test_server_support, "create_app", lambda *args: with_playground(create_app(*args)))
-        with live_server(settings_for(tmp), {"digits": digits_model, "tiny": tiny_model}) as url:
+        # URL fetching on, for loopback only (the test-only override), so the page offers image URLs.
+        fetching = FetchPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_loopback=True)
+        with live_server(
+            settings_for(tmp, fetch=fetching), {"digits": digits_model, "tiny": tiny_model}
+        ) as url:
             yield Served(url, store, digits_model)
     store.close()
 
@@ -157,7 +161,9 @@ def use_key(page, key: str = API_KEY) -> None:
 
 
 def fill_digit_task(panel, digit: tuple[bytes, int]) -> None:
-    panel.get_by_label("Image file").set_input_files(files=[{"name": "digit.png", "mimeType": "image/png", "buffer": digit[0]}])
+    panel.get_by_label("Image file").set_input_files(
+        files=[{"name": "digit.png", "mimeType": "image/png", "buffer": digit[0]}]
+    )
     panel.get_by_label("Candidate labels").fill(", ".join(CLASSNAMES))
     panel.get_by_label("Custom").check()
     panel.get_by_label("Templates, one per line").fill("\n".join(TEMPLATES))
@@ -165,8 +171,13 @@ def fill_digit_task(panel, digit: tuple[bytes, int]) -> None:
 
 @pytest.mark.slow
 def test_classify_a_digit_ranks_its_label_first_and_the_snippet_reproduces_it(
-    served: Served, browser, digit: tuple[bytes, int], artifacts_dir: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    served: Served,
+    browser,
+    digit: tuple[bytes, int],
+    artifacts_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from playwright.sync_api import expect
 
@@ -182,7 +193,11 @@ def test_classify_a_digit_ranks_its_label_first_and_the_snippet_reproduces_it(
         assert float(rows.first.locator(".bar > span").evaluate("e => parseFloat(e.style.width)")) > 20
         curl = page.locator("#snippet-curl").text_content()
         assert f"{served.url}/v1/classifications/upload" in curl and "-F 'files=@digit.png'" in curl
-        assert f"--form-string 'labels={digit[1]}'" in curl and "$CLIPSERVE_API_KEY" in curl and API_KEY not in curl
+        assert (
+            f"--form-string 'labels={digit[1]}'" in curl
+            and "$CLIPSERVE_API_KEY" in curl
+            and API_KEY not in curl
+        )
         snippet = page.locator("#snippet-python").text_content()
         screenshot(page, artifacts_dir, "classify-desktop")
 
@@ -192,6 +207,42 @@ def test_classify_a_digit_ranks_its_label_first_and_the_snippet_reproduces_it(
     monkeypatch.setenv("CLIPSERVE_API_KEY", API_KEY)
     exec(compile(snippet, "snippet.py", "exec"), {})
     assert capsys.readouterr().out.splitlines()[0].split()[0] == str(digit[1])
+
+
+@pytest.fixture
+def image_host(tmp_path: Path, digit: tuple[bytes, int]) -> Iterator[str]:
+    """A loopback web server with the digit at /digit.png; yields its URL."""
+    (tmp_path / "digit.png").write_bytes(digit[0])
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/digit.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_classify_an_image_url_the_server_fetches(
+    served: Served, browser, digit: tuple[bytes, int], image_host: str
+) -> None:
+    from playwright.sync_api import expect
+
+    image_origin = image_host.removesuffix("/digit.png")
+    with open_page(browser, served.url, also_allowed=(image_origin,)) as page:  # the browser shows a preview
+        use_key(page)
+        panel = page.locator("#panel-classify")
+        fill_digit_task(panel, digit)
+        panel.get_by_role("button", name="Clear image").click()
+        panel.get_by_label("or an image URL").fill(image_host)
+        panel.get_by_label("or an image URL").press("Tab")
+        panel.get_by_role("button", name="Classify", exact=True).click()
+        expect(panel.locator(".ranking li").first.locator(".label")).to_have_text(str(digit[1]))
+        curl = page.locator("#snippet-curl").text_content()
+        assert f"{served.url}/v1/classifications'" in curl and f'"input":"{image_host}"' in curl
+        assert f'"input": "{image_host}"' in page.locator("#snippet-python").text_content()
 
 
 @pytest.mark.slow
@@ -207,7 +258,9 @@ def test_search_by_image_text_and_similar_items(served: Served, browser, artifac
         page.get_by_role("tab", name="Search").click()
         panel = page.locator("#panel-search")
         expect(panel.get_by_label("Collection")).to_have_value(demo.COLLECTION)
-        panel.get_by_label("Image file").set_input_files(files=[{"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut.data}])
+        panel.get_by_label("Image file").set_input_files(
+            files=[{"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut.data}]
+        )
         panel.get_by_role("button", name="Search", exact=True).click()
         cards = panel.locator("#search-results > li")
         expect(cards).to_have_count(12)
@@ -270,15 +323,30 @@ def test_a_bad_key_shows_the_server_message(served: Served, browser, digit: tupl
 
 
 @pytest.mark.slow
-def test_phone_keyboard_and_servers_without_collections(served: Served, browser, artifacts_dir: Path) -> None:
+def test_phone_keyboard_and_servers_without_collections(
+    served: Served, browser, digit: tuple[bytes, int], artifacts_dir: Path
+) -> None:
     from playwright.sync_api import expect
 
     with open_page(browser, served.url, viewport=PHONE) as page:
-        page.route("**/v1/collections", lambda route: route.fulfill(status=404, json={"error": {
-            "message": "Not Found", "type": "not_found_error", "param": None, "code": None}}))
+        page.route(
+            "**/v1/collections",
+            lambda route: route.fulfill(
+                status=404,
+                json={
+                    "error": {"message": "Not Found", "type": "not_found_error", "param": None, "code": None}
+                },
+            ),
+        )
         use_key(page)
-        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # no sideways scrolling
-        screenshot(page, artifacts_dir, "classify-phone")
+        panel = page.locator("#panel-classify")
+        fill_digit_task(panel, digit)
+        panel.get_by_role("button", name="Classify", exact=True).click()
+        expect(panel.locator(".ranking")).to_be_in_viewport()  # the answer, below the form, is scrolled to
+        assert (
+            page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        )  # no sideways scrolling
+        page.screenshot(path=str(artifacts_dir / "playground-classify-phone.png"))  # what the phone shows
 
         page.get_by_role("tab", name="Classify").focus()
         page.keyboard.press("ArrowRight")
@@ -291,6 +359,7 @@ def test_phone_keyboard_and_servers_without_collections(served: Served, browser,
         page.route("**/v1/collections", lambda route: route.fulfill(json={"object": "list", "data": []}))
         use_key(page)  # connecting again reloads the collections
         expect(page.locator("#search-notice")).to_have_text(re.compile("no collections yet"))
+        expect(page.get_by_label("Collection")).to_be_disabled()
         screenshot(page, artifacts_dir, "search-phone")
         page.get_by_role("tab", name="Search").press("End")
         expect(page.get_by_role("tab", name="Compare")).to_have_attribute("aria-selected", "true")

@@ -41,3 +41,23 @@ def test_readme_python_examples(fake_hub, tmp_path: Path, monkeypatch: pytest.Mo
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
     assert namespace["probs"].shape == (2, 2)
     assert namespace["similarity"].shape == (2, 2)
+
+
+def shell_commands() -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("clipserve ")]
+
+
+def test_readme_commands_parse() -> None:
+    """Every `clipserve ...` line in the README is accepted by the real argument parser."""
+    import shlex
+
+    from clipserve.cli.main import build_parser
+
+    commands = shell_commands()
+    assert len(commands) >= 10
+    parser = build_parser()
+    for line in commands:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert getattr(args, "func", None) is not None, line

@@ -17,6 +17,7 @@ from clipserve.api.deps import ServerState
 from clipserve.api.errors import install_error_handlers
 from clipserve.api.metrics import ServerMetrics
 from clipserve.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from clipserve.api.playground import mount_playground
 from clipserve.api.pool import ModelPool
 from clipserve.api.settings import ServerSettings
 from clipserve.engine.model import Model
@@ -93,6 +94,7 @@ def create_app(settings: ServerSettings, models: Mapping[str, Model] | None = No
     app.include_router(admin.router)
     app.include_router(ops.router)
     app.include_router(routes_collections.router)
+    mount_playground(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, observe=metrics.observe_request)
     return app

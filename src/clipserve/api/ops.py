@@ -14,7 +14,7 @@ from clipserve.api.schemas import Health, Readiness
 router = APIRouter()
 
 # Routes that answer without a key (orchestrators probe them); every other route needs one.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 @router.get("/health", response_model=Health)

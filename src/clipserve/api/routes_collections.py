@@ -27,7 +27,7 @@ from clipserve.api.deps import ServerState, authorize, server_state
 from clipserve.api.errors import INFERENCE_ERRORS, APIError
 from clipserve.api.inputs import ImageItem, Item, TextItem, image_bytes, image_from_string
 from clipserve.api.pool import ServedModel
-from clipserve.api.routes import read_uploads, check_count, encode_items, guarded, lookup, record
+from clipserve.api.routes import check_count, encode_items, guarded, lookup, read_uploads, record
 from clipserve.collections import (
     Collection,
     CollectionError,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from clipserve import __version__
 
 # Modules under clipserve.cli that register subcommands, in the order --help lists them.
-COMMAND_MODULES = ("runtime", "serve", "collection", "evaluate", "train", "export")
+COMMAND_MODULES = ("runtime", "serve", "demo", "collection", "evaluate", "train", "export")
 
 
 class CLIError(Exception):

@@ -1,8 +1,9 @@
 """precision="int8": dynamic int8 quantisation of every Linear layer of both towers.
 
 Weights are quantised once (per tensor, symmetric) by `torch.ao` dynamic quantisation; activations are
-quantised per batch at run time, so no calibration data is needed. The packed q/k/v projection of CLIP's attention is a bare parameter, not an `nn.Linear`, so `quantize_dynamic` alone
-would leave a third of each block's GEMM work in fp32; `Int8Attention` quantises it too.
+quantised per batch at run time, so no calibration data is needed. The packed q/k/v projection of CLIP's
+attention is a bare parameter, not an `nn.Linear`, so `quantize_dynamic` alone would leave a third of each
+block's GEMM work in fp32; `Int8Attention` quantises it too.
 
 The quantised-kernel engine is process-wide in torch (`torch.backends.quantized.engine`) and the packed
 weights belong to the engine they were packed for. `quantized_engine()` picks the engine measured fastest

@@ -55,7 +55,7 @@ ImageRef = str | TarMember | Image.Image
 @dataclass(frozen=True)
 class Record:
     image: ImageRef
-    text: str  # the caption
+    text: str | tuple[str, ...]  # the caption, or several: each epoch draws one (as COCO's five per image)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,7 +280,10 @@ class PairDataset(torch.utils.data.Dataset):
         epoch, index = key
         record = self.records[index]
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
-        return self.transform(load_image(record.image), generator), record.text
+        pixels = self.transform(load_image(record.image), generator)
+        if isinstance(record.text, str):
+            return pixels, record.text
+        return pixels, record.text[int(torch.randint(len(record.text), (1,), generator=generator))]
 
 
 def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:

@@ -41,8 +41,9 @@ def mount_playground(app: FastAPI) -> None:
         page = template.replace("{{auth}}", "none" if settings.auth.no_auth else "required").replace(
             "{{url_fetch}}", "enabled" if settings.fetch.enabled else "disabled"
         )
-        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                                           "Cache-Control": "no-cache"})
+        return HTMLResponse(
+            page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"}
+        )
 
     app.add_api_route(PAGE_PATH, playground_page, methods=["GET"], include_in_schema=False)
     app.mount(ASSETS_PATH, StaticFiles(directory=STATIC_DIR), name="playground")

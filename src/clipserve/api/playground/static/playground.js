@@ -53,11 +53,15 @@ async function api(path, { method = "GET", json, form } = {}) {
   return payload;
 }
 
+// The server's message as it wrote it, after the HTTP status when there was one.
+const describe = (err) => (err.status ? `Error ${err.status}: ${err.message}` : err.message);
+
 function showError(panel, err) {
-  const box = panel.querySelector("[data-error]");
-  box.textContent = err === null ? "" : err.status ? `Error ${err.status}: ${err.message}` : err.message;
+  panel.querySelector("[data-error]").textContent = err === null ? "" : describe(err);
 }
 
+// Runs a form's request with its button disabled, then brings the answer into view where the form pushed it
+// off the screen (phones, where the output comes after the form).
 async function busy(form, work) {
   const button = form.querySelector('button[type="submit"]');
   button.disabled = true;
@@ -66,6 +70,8 @@ async function busy(form, work) {
   } finally {
     button.disabled = false;
   }
+  const output = form.closest('[role="tabpanel"]').querySelector(".output");
+  if (output.getBoundingClientRect().top > window.innerHeight * 0.8) output.scrollIntoView({ block: "start" });
 }
 
 // -- templates and image pickers -------------------------------------------------------------------------
@@ -315,7 +321,7 @@ function setUpCompare() {
         el("h2", { textContent: models[i] || "(no model)" }),
         outcome.status === "fulfilled"
           ? ranking(outcome.value)
-          : el("p", { className: "error", textContent: `Error ${outcome.reason.status}: ${outcome.reason.message}` }))));
+          : el("p", { className: "error", textContent: describe(outcome.reason) }))));
     });
   });
 }
@@ -407,9 +413,11 @@ async function loadCollections() {
     return;
   }
   if (!collections.length) {
-    notice.textContent = "This server has no collections yet. Create one with `clipserve collection create NAME " +
-      "--model MODEL` and fill it with `clipserve collection add NAME IMAGES...`.";
+    notice.replaceChildren("This server has no collections yet. Create one with ",
+      el("code", { textContent: "clipserve collection create NAME --model MODEL" }), " and fill it with ",
+      el("code", { textContent: "clipserve collection add NAME PATHS" }), ".");
   }
+  select.disabled = !collections.length;
   select.append(...collections.map((c) => el("option", { value: c.id, textContent: `${c.id} (${c.items} items, ${c.model})` })));
 }
 
@@ -427,7 +435,7 @@ async function loadModels() {
     models = (await api("/v1/models")).data;
     keyStatus(`Connected: ${models.length} model${models.length === 1 ? "" : "s"} (${models.map((m) => m.id).join(", ")}).`);
   } catch (err) {
-    keyStatus(err.status ? `Error ${err.status}: ${err.message}` : err.message, true);
+    keyStatus(describe(err), true);
   }
   for (const select of document.querySelectorAll("[data-models]")) {
     const previous = select.value;
