@@ -18,22 +18,24 @@ from clipserve.train.data import DataError, load_image, read_pairs
 from clipserve.train.probe import LinearProbe
 
 
-def test_digits_clip_from_scratch_classifies_held_out_digits(digits_checkpoint: Path) -> None:
-    # The fixture trains from scratch on first use (and whenever the recipe changes, which changes the cache
-    # key); its training time is recorded beside the weights. Accuracy is measured here, live.
+@pytest.mark.slow
+def test_digits_clip_from_scratch_classifies_held_out_digits(tmp_path: Path) -> None:
+    """Trains from scratch on every run (the cached copy other tests use is not consulted here)."""
     started = time.perf_counter()
-    model = clipserve.load(str(digits_checkpoint))
+    output = digits.train_digits_model(tmp_path / "digits")
+    model = clipserve.load(str(output))
     metrics = digits.evaluate(model)
-    recorded = json.loads((digits_checkpoint / digits.METRICS_FILE).read_text())
+    elapsed = time.perf_counter() - started
+    recorded = json.loads((output / digits.METRICS_FILE).read_text())
     ceiling = 5 / (digits.HELD_OUT / 10)  # ~36 held-out digits per class share each caption's meaning
     print(
         f"\ndigits CLIP: zero-shot accuracy {metrics['zeroshot_accuracy']:.3f}, text->image R@5 "
-        f"{metrics['text_to_image_recall@5']:.3f} (class-level ceiling ~{ceiling:.2f}); trained from scratch in "
-        f"{recorded['train_seconds']:.1f} s, evaluated in {time.perf_counter() - started:.1f} s"
+        f"{metrics['text_to_image_recall@5']:.3f} (class-level ceiling ~{ceiling:.2f}); trained in "
+        f"{recorded['train_seconds']:.1f} s, {elapsed:.1f} s in all"
     )
     assert metrics["zeroshot_accuracy"] >= 0.85
     assert metrics["text_to_image_recall@5"] > 3 * 5 / digits.HELD_OUT  # well above random retrieval
-    assert recorded["train_seconds"] < 180
+    assert elapsed < 180
     assert recorded["zeroshot_accuracy"] == pytest.approx(metrics["zeroshot_accuracy"])
 
 

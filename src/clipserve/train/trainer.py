@@ -146,7 +146,9 @@ def build_optimizer(module: CLIP, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not _no_weight_decay(n, p)], "weight_decay": cfg.wd},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused: one kernel over all parameters. The per-tensor default on CPU spent half of a digits training step
+    # in AdamW (the 49408-row token embedding dominates).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
