@@ -210,7 +210,7 @@ def test_fast_paths_on_trained_digits_model(digits_checkpoint: Path, onnx_cache:
     from clipserve.train.digits import load_split
 
     split = load_split("heldout")
-    images, captions = split.images[:64], split.captions[:64]
+    images, captions, labels = split.images[:64], split.captions[:64], torch.tensor(split.labels[:64])
     reference = clipserve.load(str(digits_checkpoint))
     ref_image, ref_text = reference.encode_image(images), reference.encode_text(captions)
     for kwargs in ({"precision": "int8"}, {"precision": "bf16"}, {"backend": "onnx", "precision": "int8"}):
@@ -219,8 +219,9 @@ def test_fast_paths_on_trained_digits_model(digits_checkpoint: Path, onnx_cache:
         assert cosine(image, ref_image).min() >= 0.995, kwargs
         assert cosine(text, ref_text).min() >= 0.995, kwargs
         assert centred_cosine(image, ref_image).min() >= 0.98, kwargs
-        # the ranking the model is for: each image's best caption is unchanged on nearly every row
-        same = (image @ text.T).argmax(1) == (ref_image @ ref_text.T).argmax(1)
+        # the ranking the model is for: each image's best caption names the same digit on nearly every row
+        # (captions of one digit are near-ties, so the caption itself may trade places with its twins)
+        same = labels[(image @ text.T).argmax(1)] == labels[(ref_image @ ref_text.T).argmax(1)]
         assert same.float().mean() >= 0.95, kwargs
 
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from clipserve.api.errors import APIError
-from clipserve.api.settings import ModelSpec, ServerSettings
+from clipserve.api.settings import ModelSpec, ProbeSpec, ServerSettings
 from clipserve.engine.batching import BatchedModel, BatchObserver
 from clipserve.engine.loading import load
 from clipserve.engine.model import Model
+from clipserve.train.probe import LinearProbe
 
 log = logging.getLogger("clipserve.api")
 
@@ -50,10 +52,32 @@ class ServedModel:
     created: int
     ready: bool = False
     problem: str = "not probed yet"
+    classifiers: dict[str, LinearProbe] = field(default_factory=dict)  # linear probes by name
 
     @property
     def model(self) -> Model:
         return self.batched.model
+
+
+def _same_source(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def probe_belongs(probe: LinearProbe, alias: str, source: str, configured_models: int) -> bool:
+    """A probe serves the model it was trained on (by alias or source), or the only model configured."""
+    return probe.model == alias or _same_source(probe.model, source) or configured_models == 1
+
+
+def unattached_probes(probes: tuple[ProbeSpec, ...], models: tuple[ModelSpec, ...]) -> list[str]:
+    """Probe directories that no configured model would take (checked before serving)."""
+    if len(models) == 1:
+        return []
+    loaded = [(spec, LinearProbe.load(spec.path)) for spec in probes]
+    return [
+        f"{spec.path} (trained on {probe.model})"
+        for spec, probe in loaded
+        if not any(probe_belongs(probe, m.alias or m.source, m.source, len(models)) for m in models)
+    ]
 
 
 class ModelPool:
@@ -64,6 +88,7 @@ class ModelPool:
         self._served: dict[str, ServedModel] = {}
         # Models that should be served but are not (yet): alias -> why ("loading", or the load error).
         self._pending: dict[str, str] = {}
+        self._probes = [(spec.key, LinearProbe.load(spec.path)) for spec in settings.probes]
 
     # -- membership ------------------------------------------------------------------------------------
 
@@ -75,6 +100,12 @@ class ModelPool:
         )
         batched.start()
         served = ServedModel(alias, batched, int(time.time()))
+        for name, probe in self._probes:
+            if probe_belongs(probe, alias, model.info.source, len(self.settings.models)):
+                if probe.embed_dim != model.embed_dim:
+                    raise APIError(400, f"classifier {name!r} expects {probe.embed_dim}-d features, model "
+                                   f"{alias!r} gives {model.embed_dim}", param="probe")
+                served.classifiers[name] = probe
         self._served[alias] = served
         self._pending.pop(alias, None)
         return served
@@ -91,7 +122,8 @@ class ModelPool:
         self._pending[key] = "loading"
         try:
             model = await asyncio.to_thread(
-                load, spec.source, device=self.settings.device, precision=self.settings.precision
+                load, spec.source, device=self.settings.device, precision=self.settings.precision,
+                backend=self.settings.backend,
             )
         except Exception as exc:
             if configured:

@@ -157,6 +157,7 @@ def model_card(served: ServedModel) -> ModelCard:
         id=served.alias, created=served.created, name=info.name, architecture=info.architecture,
         embed_dim=info.embed_dim, image_size=info.image_size, context_length=info.context_length,
         logit_scale=served.model.logit_scale, device=info.device, precision=info.precision,
+        classifiers=sorted(served.classifiers),
     )
 
 
@@ -282,16 +283,42 @@ async def classify(
         probabilities = torch.sigmoid(scale * (cosine - images @ background.T))
     else:
         probabilities = (scale * cosine).softmax(dim=-1)
+    data = ranked(probabilities, cosine, labels, top_k)
+    record(state, caller, cost)
+    return {"object": "list", "data": data, "model": served.alias, "usage": cost.usage()}
+
+
+def ranked(probabilities: torch.Tensor, scores: torch.Tensor, labels: Sequence[str], top_k: int | None) -> list[dict]:
     k = min(top_k or len(labels), len(labels))
     data = []
-    for i in range(len(items)):
+    for i in range(probabilities.shape[0]):
         order = torch.argsort(probabilities[i], descending=True, stable=True)[:k]
         data.append({
             "object": "classification",
             "index": i,
-            "labels": [{"label": labels[j], "probability": float(probabilities[i, j]), "score": float(cosine[i, j])}
+            "labels": [{"label": labels[j], "probability": float(probabilities[i, j]), "score": float(scores[i, j])}
                        for j in order.tolist()],
         })
+    return data
+
+
+async def classify_with_probe(
+    state: ServerState, caller: Caller, served: ServedModel, items: Sequence[Item], params: Sequence[str],
+    name: str, top_k: int | None,
+) -> dict[str, object]:
+    """A fixed-class classifier: the linear probe `name` on the model's normalised image features."""
+    probe = served.classifiers.get(name)
+    if probe is None:
+        known = ", ".join(sorted(served.classifiers)) or "none"
+        raise APIError(404, f"model {served.alias!r} has no classifier {name!r} (served: {known})",
+                       param="classifier", code="classifier_not_found")
+    for item, param in zip(items, params, strict=True):
+        if not isinstance(item, ImageItem):
+            raise APIError(400, f"{param}: classification needs images, this item is text", param=param,
+                           code="invalid_input")
+    images, cost = await encode_items(state, caller, served, items, params)
+    logits = images @ probe.weight.T + probe.bias  # features are already L2-normalised
+    data = ranked(logits.softmax(dim=-1), logits, probe.classes, top_k)
     record(state, caller, cost)
     return {"object": "list", "data": data, "model": served.alias, "usage": cost.usage()}
 
@@ -310,11 +337,18 @@ async def create_classifications(
     """
     state = server_state(request)
     served = lookup(state, request, body.model)
-    check_labels(state, body.labels)
-    templates = resolve_templates(state, body.templates)
+    if (body.labels is None) == (body.classifier is None):
+        raise APIError(400, "give either labels (zero-shot) or classifier (a served linear probe)", param="labels")
     items = parse_items(body.input, "input", "image")
     check_count(state, len(items), "input")
     params = [f"input[{i}]" for i in range(len(items))] if isinstance(body.input, list) else ["input"]
+    if body.classifier is not None:
+        payload = await guarded(state, classify_with_probe(
+            state, caller, served, items, params, body.classifier, body.top_k
+        ))
+        return JSONResponse(payload)
+    check_labels(state, body.labels)
+    templates = resolve_templates(state, body.templates)
     payload = await guarded(state, classify(
         state, caller, served, items, params, body.labels, templates, body.multi_label, body.top_k
     ))

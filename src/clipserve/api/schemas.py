@@ -93,7 +93,14 @@ class EmbeddingResponse(BaseModel):
 class ClassificationRequest(BaseModel):
     model: str
     input: str | list[ImageItemInput] = Field(description="One image or a list (same forms as embeddings).")
-    labels: list[str] = Field(min_length=1, description="Candidate labels.")
+    labels: list[str] | None = Field(
+        None, min_length=1, description="Candidate labels (zero-shot). Give either labels or classifier."
+    )
+    classifier: str | None = Field(
+        None,
+        description="A linear probe served with this model (see /v1/models `classifiers`): a fixed-class "
+        "classifier instead of zero-shot labels.",
+    )
     templates: list[str] | Literal["imagenet"] | None = Field(
         None,
         description=(
@@ -115,7 +122,10 @@ class ClassificationRequest(BaseModel):
 class LabelScore(BaseModel):
     label: str
     probability: float
-    score: float = Field(description="Cosine similarity between the image and the label embedding.")
+    score: float = Field(
+        description="Cosine similarity between the image and the label embedding (zero-shot), or the linear "
+        "probe's logit (classifier)."
+    )
 
 
 class Classification(BaseModel):
@@ -172,6 +182,7 @@ class ModelCard(BaseModel):
     modalities: list[str] = ["text", "image"]
     device: str
     precision: str
+    classifiers: list[str] = Field(default_factory=list, description="Linear probes served with this model.")
 
 
 class ModelList(BaseModel):

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipserve.engine.batching import BatchSettings
+from clipserve.engine.loading import BACKENDS
 from clipserve.engine.model import PRECISIONS
+from clipserve.engine.quantize import INT8
 from clipserve.io.fetch import FetchPolicy
 from clipserve.io.images import ImageLimits
 from clipserve.registry import DEFAULT_MODEL
@@ -33,6 +35,32 @@ class ModelSpec:
         """`NAME` or `NAME=ALIAS` (split at the last `=`)."""
         source, sep, alias = text.rpartition("=")
         return cls(source, alias) if sep else cls(text)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A linear probe directory (`clipserve probe` output) served as a fixed-class classifier.
+
+    It is attached to the served model it was trained on (`probe.json`'s model, matched by alias or source),
+    or to the only model when one is served; clients name it in `/v1/classifications` as `classifier`.
+    """
+
+    path: Path
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not _ALIAS.match(self.name):
+            raise ValueError(f"bad classifier name {self.name!r}: letters, digits and ._:/- only, at most 128")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.path.name
+
+    @classmethod
+    def parse(cls, text: str) -> ProbeSpec:
+        """`DIR` or `DIR=NAME` (split at the last `=`)."""
+        path, sep, name = text.rpartition("=")
+        return cls(Path(path), name) if sep else cls(Path(text))
 
 
 @dataclass(frozen=True)
@@ -102,11 +130,13 @@ class AuthSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     models: tuple[ModelSpec, ...] = (ModelSpec(DEFAULT_MODEL),)
+    probes: tuple[ProbeSpec, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     state_dir: Path = Path(".clipserve")
     device: str = "auto"
     precision: str = "fp32"
+    backend: str = "torch"
     auth: AuthSettings = AuthSettings()
     limits: Limits = Limits()
     batching: BatchSettings = BatchSettings()
@@ -117,8 +147,10 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if self.precision not in (*PRECISIONS, INT8):
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join((*PRECISIONS, INT8))}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.preprocess_workers < 1:
             raise ValueError(f"preprocess workers must be >= 1, got {self.preprocess_workers}")
         aliases = [m.alias for m in self.models if m.alias]

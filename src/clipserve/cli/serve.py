@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipserve.cli.common import BACKEND_CHOICES, PRECISION_CHOICES
 from clipserve.cli.main import CLIError
 from clipserve.registry import DEFAULT_MODEL
 
@@ -37,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
+                   help="weights precision (default fp32, exact)")
+    p.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
+                   help="torch, or onnx (ONNX Runtime on an export cached per checkpoint)")
+    p.add_argument("--probe", action="append", default=[], metavar="DIR[=NAME]",
+                   help="a linear probe (`clipserve probe` output) to serve as a fixed-class classifier: "
+                   "clients pass \"classifier\": NAME to /v1/classifications (repeatable)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help=f"where the API-key database lives (default: {_default_state_dir()})")
 
@@ -81,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_settings(args: argparse.Namespace) -> ServerSettings:
     # Imported here, not at the top: `clipserve --help` should not pay for FastAPI and torch.
-    from clipserve.api.settings import AuthSettings, KeyLimits, Limits, ModelSpec, ServerSettings
+    from clipserve.api.settings import AuthSettings, KeyLimits, Limits, ModelSpec, ProbeSpec, ServerSettings
     from clipserve.engine.batching import BatchSettings
     from clipserve.io.fetch import FetchPolicy
 
@@ -95,11 +102,13 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
         )
         return ServerSettings(
             models=tuple(ModelSpec.parse(m) for m in (args.model or [DEFAULT_MODEL])),
+            probes=tuple(ProbeSpec.parse(p) for p in args.probe),
             host=args.host,
             port=args.port,
             state_dir=args.state_dir or _default_state_dir(),
             device=args.device,
             precision=args.precision,
+            backend=args.backend,
             auth=AuthSettings(
                 api_keys=(args.api_key,) if args.api_key else (),
                 admin_key=args.admin_key,
@@ -132,7 +141,7 @@ def load_models(settings: ServerSettings) -> dict[str, Model]:
     loaded: dict[str, Model] = {}
     for spec in settings.models:
         try:
-            model = load(spec.source, device=settings.device, precision=settings.precision)
+            model = load(spec.source, device=settings.device, precision=settings.precision, backend=settings.backend)
         except HubError as exc:
             if spec.source == DEFAULT_MODEL:
                 raise CLIError(
@@ -148,6 +157,19 @@ def load_models(settings: ServerSettings) -> dict[str, Model]:
         loaded[alias] = model
         log.info("loaded %s as %r on %s (%s)", spec.source, alias, model.info.device, model.info.precision)
     return loaded
+
+
+def check_probes(settings: ServerSettings) -> None:
+    """Every --probe must load and belong to a served model, before serving."""
+    from clipserve.api.pool import unattached_probes
+    from clipserve.train.probe import ProbeError
+
+    try:
+        orphans = unattached_probes(settings.probes, settings.models)
+    except ProbeError as exc:
+        raise CLIError(str(exc)) from None
+    if orphans:
+        raise CLIError(f"no served model for probe {orphans[0]}: serve that model, e.g. --model SOURCE")
 
 
 def _check_auth(settings: ServerSettings) -> None:
@@ -179,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         configure_json_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     # Models first: `make serve` on an offline machine must say what to pass instead of the default model.
     models = load_models(settings)
+    check_probes(settings)
     _check_auth(settings)
     app = create_app(settings, models)
     uvicorn.run(
