@@ -222,9 +222,11 @@ def open_image(
             reason = getattr(exc, "strerror", None) or _one_line(exc)
             raise ImageError(f"cannot read file: {_short(path)}: {reason}") from None
         with f:
-            st = os.fstat(f.fileno())
-            _check_bytes(st.st_size, limits)
-            return _decode(f, limits, draft_size)
+            try:
+                _check_bytes(os.fstat(f.fileno()).st_size, limits)
+                return _decode(f, limits, draft_size)
+            except ImageError as exc:  # say which file: a batch of paths is otherwise hard to debug
+                raise ImageError(f"{_short(path)}: {exc}") from None
     raise TypeError(f"expected a PIL image, a path or bytes, got {type(source).__name__}")
 
 
