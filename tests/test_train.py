@@ -152,3 +152,34 @@ def test_data_errors_name_the_culprit(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "orphan.png")
     with pytest.raises(DataError, match="no caption file"):
         read_pairs(f"folder:{tmp_path}")
+
+
+def test_locked_image_bf16_with_periodic_zero_shot_eval(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    """LiT (image tower locked but its projection), bf16 autocast, and zero-shot eval through the harness."""
+    images, labelled = tmp_path / "images", tmp_path / "labelled"
+    images.mkdir()
+    colours = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+    for i in range(12):
+        name, rgb = list(colours.items())[i % 3]
+        Image.new("RGB", (40, 40), rgb).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {name} square")
+        (labelled / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), rgb).save(labelled / name / f"{i}.png")
+    output = tmp_path / "out"
+    code = main([
+        "train", "--model", str(tiny_checkpoint), "--data", f"folder:{images}", "--output", str(output),
+        "--batch-size", "4", "--epochs", "2", "--warmup", "1", "--workers", "0", "--no-progress",
+        "--lock-image", "--lock-image-unlocked-groups", "1", "--precision", "bf16",
+        "--eval-data", f"imagefolder:{labelled}", "--eval-every", "1",
+    ])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval"] for r in records if "eval" in r]
+    assert len(evals) == 2 and all(0.0 <= e["acc1"] <= 1.0 for e in evals)
+    tuned = clipserve.load(str(output)).module.state_dict()
+    original = clipserve.load(str(tiny_checkpoint)).module.state_dict()
+    assert torch.equal(tuned["visual.conv1.weight"], original["visual.conv1.weight"])  # locked
+    assert torch.equal(tuned["visual.transformer.resblocks.1.mlp.c_fc.weight"],
+                       original["visual.transformer.resblocks.1.mlp.c_fc.weight"])
+    assert not torch.equal(tuned["visual.proj"], original["visual.proj"])  # the unlocked last group
+    assert not torch.equal(tuned["text.text_projection"], original["text.text_projection"])
