@@ -434,3 +434,22 @@ def test_add_urls_over_loopback(collection, tiny_model, photos: Path) -> None:
         assert report.skip_counts() == {"fetch failed": 1} and "loopback" in report.skipped[0].detail
     finally:
         server.shutdown()
+
+
+def test_ivfpq_collection_reranks_with_exact_scores(store) -> None:
+    """IVF-PQ (compressed codes) finds candidates; the stored vectors give the exact scores and order."""
+    collection = store.create(Manifest(name="pq", model_source="x", model_name="x", embed_dim=64, index="ivfpq"))
+    vectors = clustered_vectors(20_000, 64, clusters=100, seed=5)
+    ids = collection.add([NewItem("text", f"v{i}", v) for i, v in enumerate(vectors)])
+    assert collection.index_state().kind == "ivfpq"
+    queries = clustered_vectors(20_050, 64, clusters=100, seed=5)[20_000:]
+    recalls = []
+    for query in queries:
+        exact = ids[0] + np.argsort(-(vectors @ query))[:10]
+        hits = collection.search(query, top_k=10)
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True)
+        for hit in hits:  # re-ranked: each score is the exact cosine, not the PQ estimate
+            assert hit.score == pytest.approx(float(vectors[hit.item.id - ids[0]] @ query), abs=1e-3)
+        recalls.append(len(set(exact.tolist()) & {h.item.id for h in hits}) / 10)
+    assert np.mean(recalls) >= 0.9, np.mean(recalls)
