@@ -74,6 +74,12 @@ class Row:
     note: str = ""
 
 
+
+def features(output: object) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput from get_*_features (the projected features in pooler_output);
+    older releases return the tensor itself."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
 def rss_mib() -> tuple[float, float]:
     fields = dict(
         line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
@@ -333,16 +339,16 @@ class Bench:
         if name != XLMR:
             hf = self.hf_model(directory)
             if hf is not None:
-                image["transformers fp32-sdpa"] = lambda x: hf.get_image_features(pixel_values=x)
-                text["transformers fp32-sdpa (longest)"] = lambda x: hf.get_text_features(**hf_text_inputs(x))
+                image["transformers fp32-sdpa"] = lambda x: features(hf.get_image_features(pixel_values=x))
+                text["transformers fp32-sdpa (longest)"] = lambda x: features(hf.get_text_features(**hf_text_inputs(x)))
 
                 def hf_image_autocast(x: torch.Tensor) -> torch.Tensor:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return hf.get_image_features(pixel_values=x).float()
+                        return features(hf.get_image_features(pixel_values=x)).float()
 
                 def hf_text_autocast(x: torch.Tensor) -> torch.Tensor:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return hf.get_text_features(**hf_text_inputs(x)).float()
+                        return features(hf.get_text_features(**hf_text_inputs(x))).float()
 
                 image["transformers bf16-autocast"] = hf_image_autocast
                 text["transformers bf16-autocast (longest)"] = hf_text_autocast

@@ -267,10 +267,10 @@ def test_encode_image_pipeline_equals_exact_preprocessing(tiny_model, photos: li
 def test_thread_plan_never_oversubscribes() -> None:
     for cores in (1, 2, 4, 16):
         plan = ThreadPlan.for_cores(cores)
-        assert plan.decode_workers >= 1 and plan.inference_threads >= 1
-        assert plan.inference_threads + plan.decode_workers <= max(cores, 2)
-    assert ThreadPlan.for_cores(2) == ThreadPlan(inference_threads=1, decode_workers=1)
-    assert ThreadPlan.for_cores(16) == ThreadPlan(inference_threads=12, decode_workers=4)
+        assert plan.decode_workers >= 0 and plan.inference_threads >= 1
+        assert plan.inference_threads + plan.decode_workers == cores
+    assert ThreadPlan.for_cores(2) == ThreadPlan(inference_threads=2, decode_workers=0)  # decode inline
+    assert ThreadPlan.for_cores(16) == ThreadPlan(inference_threads=14, decode_workers=2)
     assert ThreadPlan.for_cores(2, decode_workers=0) == ThreadPlan(inference_threads=2, decode_workers=0)
     before = torch.get_num_threads()
     try:

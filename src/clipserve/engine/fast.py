@@ -29,9 +29,11 @@ class ThreadPlan:
 
     OpenMP and ONNX Runtime worker threads spin and wait at barriers: if decode threads take a core from one
     of them, every GEMM waits for the preempted thread. So the two pools split the cores instead of sharing
-    them: `inference_threads = cores - decode_workers` (at least 1). Decoding a 1024x768 JPEG costs ~10 ms of
-    one core on the exact path and ~3 ms with draft decoding, against ~7-50 ms of model time per image on 2
-    cores, so one decode worker per four cores (at least one) keeps the model fed.
+    them: `inference_threads = cores - decode_workers` (at least 1). A decode worker costs the model 1/cores of
+    its threads and hides the decode share of the work (~10 ms per 1024x768 JPEG against ~80 ms of ViT-B/32
+    fp32 per image on 2 cores, ~12%). Below 8 cores that trade loses: measured on 2 cores (bench/encode.py,
+    e2e32), decoding inline gave 11.4 images/s and one overlapped worker 6.9. So: no decode worker below 8
+    cores, then one per 8 cores.
     """
 
     inference_threads: int
@@ -40,7 +42,7 @@ class ThreadPlan:
     @classmethod
     def for_cores(cls, cores: int | None = None, decode_workers: int | None = None) -> ThreadPlan:
         cores = cores or available_cores()
-        workers = max(1, cores // 4) if decode_workers is None else decode_workers
+        workers = cores // 8 if decode_workers is None else decode_workers
         if workers < 0:
             raise ValueError(f"decode_workers must be >= 0, got {workers}")
         return cls(inference_threads=max(1, cores - workers), decode_workers=workers)

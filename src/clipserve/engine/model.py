@@ -190,9 +190,9 @@ class Model:
     ) -> torch.Tensor:
         """Images (PIL images, paths or bytes, or a preprocessed tensor [N,3,H,W]) -> [N, embed_dim].
 
-        Images are decoded on `decode_workers` threads (default: `ThreadPlan.for_cores()`), the next batch
-        while the model runs on the current one; pixels go from the decoder into one uint8 batch buffer and
-        are normalised there, with the exact preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
+        Images are decoded on `decode_workers` threads, the next batch while the model runs on the current one
+        (default `ThreadPlan.for_cores()`: inline below 8 cores, where a decode thread costs the model more
+        than it hides); pixels go from the decoder into one uint8 batch buffer and are normalised there, with the exact preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
         reduced size (`open_image(draft_size=...)`): several times less decode work, not bit-exact.
         """
         if isinstance(images, torch.Tensor):
