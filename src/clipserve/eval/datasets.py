@@ -142,7 +142,7 @@ def load_dataset(spec: str, split: str = "test", classnames: list[str] | None = 
         return _image_folder(spec, _existing(spec, argument, directory=True), classnames)
     if kind in ("csv", "jsonl"):
         path = _existing(spec, argument, directory=False)
-        return _table(spec, path, _read_csv(path) if kind == "csv" else _read_jsonl(path), classnames)
+        return _table(spec, path, [row for _, row in read_rows(path, kind)], classnames)
     if kind == "imagenet":
         return _imagenet(spec, _existing(spec, argument, directory=True), split, classnames)
     if kind == "coco":
@@ -228,15 +228,15 @@ def _imagenet(spec: str, root: Path, split: str, classnames: list[str] | None) -
 # -- CSV / JSONL -------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        head = f.read(4096)
-        f.seek(0)
-        delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in head.split("\n", 1)[0]) else ","
-        return list(csv.DictReader(f, delimiter=delimiter))
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a CSV/TSV file (header on line 1; tabs when the file ends in .tsv or its header
+    has them) or of a JSONL file (`kind` "jsonl"). Errors name the file and the line."""
+    if kind == "csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            head = f.read(4096)
+            f.seek(0)
+            delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in head.split("\n", 1)[0]) else ","
+            return list(enumerate(csv.DictReader(f, delimiter=delimiter), start=2))
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -248,7 +248,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DatasetError(f"{path}:{number}: each line must be a JSON object")
-            rows.append(row)
+            rows.append((number, row))
     return rows
 
 

@@ -21,9 +21,7 @@ Labelled images (evaluation, linear probes) are read by the evaluation harness, 
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import math
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -35,7 +33,7 @@ import torch
 from PIL import Image
 
 from clipserve.config import PreprocessConfig
-from clipserve.eval.datasets import TarMember, expand_braces
+from clipserve.eval.datasets import DatasetError, TarMember, expand_braces, read_rows
 from clipserve.io.images import ImageError, Preprocessor, open_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -80,9 +78,9 @@ def read_pairs(spec: str) -> list[Record]:
     if not location:
         raise DataError(f"data spec {spec!r} names no file or folder")
     if scheme == "csv":
-        records = _read_table(Path(location), _csv_rows(Path(location)))
+        records = _read_table(Path(location), _rows(Path(location), "csv"))
     elif scheme == "jsonl":
-        records = _read_table(Path(location), _jsonl_rows(Path(location)))
+        records = _read_table(Path(location), _rows(Path(location), "jsonl"))
     elif scheme == "folder":
         records = _read_caption_folder(Path(location))
     else:
@@ -92,26 +90,12 @@ def read_pairs(spec: str) -> list[Record]:
     return records
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _rows(path: Path, kind: str) -> list[tuple[int, dict[str, str]]]:
     _check_file(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-        yield from enumerate(reader, start=2)
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    _check_file(path)
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line}: invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line}: expected a JSON object per line")
-            yield line, row
+    try:
+        return read_rows(path, kind)
+    except DatasetError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _check_file(path: Path) -> None:
@@ -123,7 +107,7 @@ def _pick(row: dict[str, str], names: tuple[str, ...]) -> str | None:
     return next((name for name in names if name in row), None)
 
 
-def _read_table(path: Path, rows: Iterator[tuple[int, dict[str, str]]]) -> list[Record]:
+def _read_table(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[Record]:
     records = []
     for line, row in rows:
         image_key, text_key = _pick(row, IMAGE_COLUMNS), _pick(row, CAPTION_COLUMNS)
