@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clipserve.cli.common import add_runtime_arguments
 from clipserve.cli.main import CLIError
 
 SHOWN_SKIPS = 20
@@ -33,7 +34,7 @@ def _store(args: argparse.Namespace):
 def _load_model(source: str, args: argparse.Namespace):
     import clipserve
 
-    return clipserve.load(source, device=args.device, precision=args.precision)
+    return clipserve.load(source, device=args.device, precision=args.precision, backend=args.backend)
 
 
 def _print_report(report, extra_skipped=()) -> None:
@@ -215,11 +216,6 @@ def cmd_embed_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from clipserve.collections.index import INDEX_KINDS
     from clipserve.collections.store import DTYPES, ENV_ROOT
@@ -234,7 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="pretrained name, hf-hub:ORG/REPO or checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="how embeddings are stored")
     p.add_argument("--index", default="auto", choices=("auto", *INDEX_KINDS), help="FAISS index kind (auto: by size)")
-    _model_options(p)
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_create)
 
     p = commands.add_parser("list", parents=[common], help="list collections")
@@ -255,7 +251,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-bytes", type=int, default=50 * 2**20)
     p.add_argument("--allow-host", action="append", help="hosts URLs may be fetched from (default: any public host)")
     p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per URL")
-    _model_options(p)
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_add)
 
     p = commands.add_parser("search", parents=[common], help="search by text, image or raw vector")
@@ -268,7 +264,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", type=_json_arg("--filter"), help='metadata filter, e.g. \'{"year": {"$gte": 2020}}\'')
     p.add_argument("--min-score", type=float, help="drop results with a lower cosine similarity")
     p.add_argument("--json", action="store_true", help="one JSON object per result")
-    _model_options(p)
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_search)
 
     p = commands.add_parser("delete", parents=[common], help="delete items by id and/or metadata filter")

@@ -11,7 +11,7 @@ BACKEND_CHOICES = ("torch", "onnx")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
-    """MODEL (or --model), --checkpoint, --device, --precision, --backend, --batch-size."""
+    """MODEL (or --model), --checkpoint, the runtime arguments, --batch-size."""
     help_text = (
         "pretrained name (e.g. ViT-B-32/datacomp_xl_s13b_b90k), hf-hub:ORG/REPO, a local checkpoint directory, "
         "or an architecture name with --checkpoint"
@@ -21,6 +21,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = T
     else:
         parser.add_argument("--model", default=DEFAULT_MODEL, help=help_text + f" (default {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", metavar="PATH", help="weights file (or directory) for an architecture name")
+    add_runtime_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision, --backend: how a model runs, for commands that name the model elsewhere."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument(
         "--precision", default="fp32", choices=PRECISION_CHOICES, help="weights precision (default fp32, exact)"
@@ -31,7 +37,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = T
         choices=BACKEND_CHOICES,
         help="torch, or onnx (ONNX Runtime on an export cached per checkpoint; cpu, fp32 or int8) (default torch)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
 
 
 def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily: --help stays fast)
