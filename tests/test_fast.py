@@ -19,8 +19,10 @@ from PIL import Image
 import clipserve
 from clipserve.engine import onnx_backend
 from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorted_chunks, normalise_uint8
+from clipserve.engine import loading
+from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
+from clipserve.engine.loading import build_module, resolve
 from clipserve.engine.pipeline import DecodePool
-from clipserve.engine.quantize import Int8Attention
 from clipserve.io.images import ImageError
 
 PROMPTS = [
@@ -121,11 +123,55 @@ def test_precision_keeps_cosine_on_photos(
 
 def test_int8_quantises_every_block_projection(vit_b32_checkpoint: Path) -> None:
     model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
-    attentions = [m for m in model.module.modules() if isinstance(m, Int8Attention)]
+    attentions = [m for m in model.module.modules() if isinstance(m, ProjectedAttention)]
     assert len(attentions) == 24  # 12 vision + 12 text blocks, packed q/k/v included
+    assert all(type(a.qkv) is torch.ao.nn.quantized.dynamic.Linear for a in attentions)
     float_linears = [n for n, m in model.module.named_modules() if type(m) is torch.nn.Linear]
     assert float_linears == []
     assert model.info.parameters == clipserve.load(str(vit_b32_checkpoint)).info.parameters
+
+
+def test_fp32_on_cpu_runs_every_linear_through_onednn_and_stays_exact(
+    vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]
+) -> None:
+    assert onednn_linear_available()  # the CPU torch wheel this project installs has oneDNN
+    model = clipserve.load(str(vit_b32_checkpoint), precision="fp32")
+    assert [n for n, m in model.module.named_modules() if type(m) is torch.nn.Linear] == []
+    attentions = [m for m in model.module.modules() if isinstance(m, ProjectedAttention)]
+    assert len(attentions) == 24 and all(type(a.qkv) is OneDNNLinear for a in attentions)
+    image, text = model.encode_image(photos), model.encode_text(PROMPTS)
+    # the same fp32 arithmetic in another summation order: as exact as the unpacked module against open_clip
+    assert (image - vit_b32_reference[0]).abs().max() < 1e-5 * vit_b32_reference[0].norm(dim=-1).max()
+    assert (text - vit_b32_reference[1]).abs().max() < 1e-5 * vit_b32_reference[1].norm(dim=-1).max()
+
+
+def test_fp32_falls_back_to_torch_linear_without_onednn(tiny_checkpoint: Path, monkeypatch) -> None:
+    packed = clipserve.load(str(tiny_checkpoint), precision="fp32")
+    assert any(isinstance(m, OneDNNLinear) for m in packed.module.modules())
+    monkeypatch.setattr("clipserve.engine.linears.onednn_linear_available", lambda: False)
+    model = clipserve.load(str(tiny_checkpoint), precision="fp32")
+    assert not any(isinstance(m, (OneDNNLinear, ProjectedAttention)) for m in model.module.modules())
+    pixels = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model.encode_pixels(pixels), packed.encode_pixels(pixels), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f", "avx512_vnni"}, "int8"), ({"avx2", "avx_vnni"}, "int8")],
+)
+def test_auto_precision_on_cpu_follows_int8_dot_product_support(
+    tiny_checkpoint: Path, monkeypatch, flags: set[str], expected: str
+) -> None:
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
+    assert clipserve.load(str(tiny_checkpoint)).info.precision == expected
+    assert clipserve.load(str(tiny_checkpoint), precision="fp32").info.precision == "fp32"
+
+
+def test_auto_precision_on_gpu_is_bf16_where_supported(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert loading.resolve_precision("auto", "cuda:0") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert loading.resolve_precision("auto", "cuda") == "fp16"
 
 
 def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]) -> None:
@@ -141,8 +187,10 @@ def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, p
 def test_onnx_export_matches_torch_dynamic_batch_and_length(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    model = clipserve.load(str(tiny_checkpoint))
-    directory = onnx_backend.export(model.module, tmp_path / "onnx")
+    model = clipserve.load(str(tiny_checkpoint), precision="fp32")
+    resolved = resolve(str(tiny_checkpoint))
+    clip = build_module(resolved.model_cfg, resolved.state, resolved.source, torch.float32)  # unpacked Linears
+    directory = onnx_backend.export(clip, tmp_path / "onnx")
     image = ort.InferenceSession(
         str(directory / onnx_backend.IMAGE_GRAPH), providers=["CPUExecutionProvider"]
     )

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipserve.engine.batching import BatchSettings
-from clipserve.engine.loading import BACKENDS
-from clipserve.engine.model import PRECISIONS
-from clipserve.engine.quantize import INT8
+from clipserve.engine.loading import BACKENDS, PRECISION_CHOICES
 from clipserve.io.fetch import FetchPolicy
 from clipserve.io.images import ImageLimits
 from clipserve.registry import DEFAULT_MODEL
@@ -135,7 +133,7 @@ class ServerSettings:
     port: int = 8000
     state_dir: Path = Path(".clipserve")
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     backend: str = "torch"
     auth: AuthSettings = AuthSettings()
     limits: Limits = Limits()
@@ -147,8 +145,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.precision not in (*PRECISIONS, INT8):
-            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join((*PRECISIONS, INT8))}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISION_CHOICES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.preprocess_workers < 1:

@@ -6,8 +6,12 @@ import argparse
 
 from clipserve.registry import DEFAULT_MODEL
 
-PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")  # engine.loading's, without importing torch
 BACKEND_CHOICES = ("torch", "onnx")
+PRECISION_HELP = (
+    "fp32 (exact), bf16, fp16, int8 (CPU), or auto: bf16 on a GPU, int8 on CPUs with VNNI/AMX, "
+    "else fp32 (default auto)"
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -29,7 +33,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """--device, --precision, --backend: how a model runs, for commands that name the model elsewhere."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument(
-        "--precision", default="fp32", choices=PRECISION_CHOICES, help="weights precision (default fp32, exact)"
+        "--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP
     )
     parser.add_argument(
         "--backend",

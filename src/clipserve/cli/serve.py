@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipserve.cli.common import BACKEND_CHOICES, PRECISION_CHOICES
+from clipserve.cli.common import BACKEND_CHOICES, PRECISION_CHOICES, PRECISION_HELP
 from clipserve.cli.main import CLIError
 from clipserve.registry import DEFAULT_MODEL
 
@@ -38,8 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
-                   help="weights precision (default fp32, exact)")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     p.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="torch, or onnx (ONNX Runtime on an export cached per checkpoint)")
     p.add_argument("--probe", action="append", default=[], metavar="DIR[=NAME]",

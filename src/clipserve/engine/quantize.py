@@ -1,9 +1,8 @@
 """precision="int8": dynamic int8 quantisation of every Linear layer of both towers.
 
 Weights are quantised once (per tensor, symmetric) by `torch.ao` dynamic quantisation; activations are
-quantised per batch at run time, so no calibration data is needed. The packed q/k/v projection of CLIP's
-attention is a bare parameter, not an `nn.Linear`, so `quantize_dynamic` alone would leave a third of each
-block's GEMM work in fp32; `Int8Attention` quantises it too.
+quantised per batch at run time, so no calibration data is needed. `linears.swap_linears` covers CLIP's packed
+q/k/v projection too, which `quantize_dynamic` alone would leave in fp32 (a third of each block's GEMM work).
 
 The quantised-kernel engine is process-wide in torch (`torch.backends.quantized.engine`) and the packed
 weights belong to the engine they were packed for. `quantized_engine()` picks the engine measured fastest
@@ -15,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipserve.models.layers import Attention
+from clipserve.engine.linears import swap_linears
 
 INT8 = "int8"
 # Measured on an AVX2 EPYC (2 cores, ViT-B/32 batch 32, bench/encode.py): onednn's int8 GEMM ran 2-3x faster
@@ -36,22 +35,6 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
 
 
-class Int8Attention(Attention):
-    """`Attention` whose packed q/k/v projection is a dynamically quantised int8 Linear.
-
-    `Attention.__init__` is skipped on purpose: it would allocate the fp32 packed weights this replaces.
-    """
-
-    def __init__(self, attn: Attention) -> None:
-        nn.Module.__init__(self)
-        self.heads = attn.heads
-        self.qkv = _int8_linear(attn.in_proj_weight, attn.in_proj_bias)
-        self.out_proj = attn.out_proj  # quantised with the other Linear layers
-
-    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(x)
-
-
 def quantize_int8(module: nn.Module) -> nn.Module:
     """Quantise, in place, every Linear layer (and CLIP's packed attention projection) of a float32 module.
 
@@ -61,9 +44,4 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     if next(module.parameters()).device.type != "cpu":
         raise ValueError("precision='int8' runs on CPU only (torch has no CUDA dynamic int8 kernels)")
     torch.backends.quantized.engine = quantized_engine()
-    module.eval()
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Attention:
-                setattr(parent, name, Int8Attention(child))
-    return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return swap_linears(module, _int8_linear)

@@ -1,0 +1,101 @@
+"""Swapping the Linear layers of a loaded CLIP for faster inference kernels.
+
+More than 90% of a CLIP forward pass on CPU is Linear layers (ViT-B/32, batch 32: `aten::addmm` took 90% of
+the profile). Two swaps use this module:
+- precision="fp32" on CPU: oneDNN with weights reordered once into its blocked layout (`OneDNNLinear`).
+  Same fp32 arithmetic in another summation order (max-abs difference ~1e-6 of unit-norm embeddings).
+  Measured on a 2-core AVX2 EPYC, 1600x768 @ 768x3072: 140 GFLOP/s against 117 for torch's MKL `addmm`;
+  ViT-B/32 images/s 15.9 against 12.7 at batch 32 and 11.2 against 7.4 at batch 1.
+- precision="int8" (quantize.py): dynamically quantised Linear layers.
+
+CLIP's packed q/k/v projection is a bare parameter of `Attention`, not an `nn.Linear`; `ProjectedAttention`
+turns it into one so that a swap covers a third of each block's GEMM work that it would otherwise miss.
+The swapped modules are for inference: they hold no trainable parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipserve.models.layers import Attention
+
+log = logging.getLogger(__name__)
+
+LinearFactory = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
+
+
+class ProjectedAttention(Attention):
+    """`Attention` whose packed q/k/v projection is a module built by a `LinearFactory`.
+
+    `Attention.__init__` is skipped on purpose: it would allocate the packed weights this replaces.
+    """
+
+    def __init__(self, attn: Attention, make_linear: LinearFactory) -> None:
+        nn.Module.__init__(self)
+        self.heads = attn.heads
+        self.qkv = make_linear(attn.in_proj_weight, attn.in_proj_bias)
+        self.out_proj = make_linear(attn.out_proj.weight, attn.out_proj.bias)
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
+
+
+def swap_linears(module: nn.Module, make_linear: LinearFactory) -> nn.Module:
+    """Replace, in place, every `nn.Linear` and every attention's q/k/v projection with `make_linear(w, b)`."""
+    for name, child in list(module.named_children()):
+        if type(child) is Attention:
+            setattr(module, name, ProjectedAttention(child, make_linear))
+        elif type(child) is nn.Linear:
+            setattr(module, name, make_linear(child.weight, child.bias))
+        else:
+            swap_linears(child, make_linear)
+    return module.eval()
+
+
+class OneDNNLinear(nn.Module):
+    """y = x W^T + b in fp32 through oneDNN, with W reordered once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        with torch.no_grad():
+            # No batch-size hint: the layout chosen without one ran as fast at batch 1 and 32 as hinted ones.
+            self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach().float()))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's packed Linear, checked once against `F.linear` on a small input."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 16, generator=generator)
+        bias = torch.randn(24, generator=generator)
+        x = torch.randn(2, 3, 16, generator=generator)
+        with torch.inference_mode():
+            ok = torch.allclose(OneDNNLinear(weight, bias)(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+    except (AttributeError, RuntimeError) as exc:  # op missing from this build or CPU unsupported
+        log.info("oneDNN packed Linear unavailable (%s); fp32 runs on torch's default GEMM", exc)
+        return False
+    return bool(ok)
+
+
+def pack_fp32_linears(module: nn.Module) -> nn.Module:
+    """On CPU, run every Linear of a float32 module through oneDNN packed weights (where the build has them)."""
+    if next(module.parameters()).device.type != "cpu" or not onednn_linear_available():
+        return module
+    return swap_linears(module, OneDNNLinear)
