@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipserve
-from clipserve.engine import onnx_backend
+from clipserve.engine import loading, onnx_backend
 from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorted_chunks, normalise_uint8
-from clipserve.engine import loading
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
 from clipserve.engine.loading import build_module, resolve
 from clipserve.engine.pipeline import DecodePool
