@@ -145,6 +145,9 @@ class Hit:
     score: float
 
 
+UNIT_NORM_TOLERANCE = 1e-6
+
+
 def normalise(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32); zero rows are an error, not NaNs in the index."""
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -153,7 +156,9 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if not np.all(np.isfinite(vectors)) or np.any(norms == 0):
         raise CollectionError("vectors must be finite and non-zero")
-    return vectors / norms
+    # Rows already of unit length (within float32 rounding) are kept bit for bit: dividing by a norm of
+    # 1 +- 1 ulp moves the last bits, and an export -> import round trip must not change stored vectors.
+    return vectors / np.where(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE, 1, norms)
 
 
 class Collection:
