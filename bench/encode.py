@@ -234,7 +234,7 @@ class Bench:
 
     def clipserve_paths(self, directory: Path) -> dict[str, clipserve.Model]:
         specs = {
-            "clipserve fp32": {},
+            "clipserve fp32": {"precision": "fp32"},
             "clipserve bf16": {"precision": "bf16"},
             "clipserve int8": {"precision": "int8"},
             "clipserve onnx-fp32": {"backend": "onnx"},

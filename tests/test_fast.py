@@ -173,6 +173,20 @@ def test_auto_precision_on_gpu_is_bf16_where_supported(monkeypatch) -> None:
     assert loading.resolve_precision("auto", "cuda") == "fp16"
 
 
+@pytest.mark.slow
+def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpoint: Path) -> None:
+    eager = clipserve.load(str(tiny_checkpoint), precision="fp32")
+    compiled = clipserve.load(str(tiny_checkpoint), precision="fp32", compile=True)
+    assert type(compiled.module.visual).__name__ == "OptimizedModule"
+    for batch in (2, 5):
+        pixels = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(compiled.encode_pixels(pixels), eager.encode_pixels(pixels), atol=1e-5, rtol=1e-5)
+    for prompts in (PROMPTS, ["a", "b c"]):
+        torch.testing.assert_close(compiled.encode_text(prompts), eager.encode_text(prompts), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="compile=True needs backend='torch'"):
+        clipserve.load(str(tiny_checkpoint), backend="onnx", compile=True)
+
+
 def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]) -> None:
     model = clipserve.load(str(vit_b32_checkpoint))
     fast = model.encode_image(photos, fast_decode=True)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import clipserve
 from clipserve.cli.main import main
+from clipserve.engine.loading import resolve
 from clipserve.train import digits
 from clipserve.train.data import DataError, load_image, read_pairs
 from clipserve.train.probe import LinearProbe
@@ -135,8 +136,7 @@ def test_train_cli_fine_tunes_a_checkpoint_and_output_loads(tmp_path: Path, tiny
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert {"loss", "lr", "logit_scale", "samples_per_s"} <= records[0].keys()
-    tuned, original = clipserve.load(str(output)), clipserve.load(str(tiny_checkpoint))
-    tuned_state, original_state = tuned.module.state_dict(), original.module.state_dict()
+    tuned_state, original_state = resolve(str(output)).state, resolve(str(tiny_checkpoint)).state
     assert torch.equal(tuned_state["text.text_projection"], original_state["text.text_projection"])  # frozen
     assert not torch.equal(tuned_state["visual.proj"], original_state["visual.proj"])  # trained
     # Running again into the same directory without --resume is refused in one line.
@@ -176,8 +176,7 @@ def test_locked_image_bf16_with_periodic_zero_shot_eval(tmp_path: Path, tiny_che
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     evals = [r["eval"] for r in records if "eval" in r]
     assert len(evals) == 2 and all(0.0 <= e["acc1"] <= 1.0 for e in evals)
-    tuned = clipserve.load(str(output)).module.state_dict()
-    original = clipserve.load(str(tiny_checkpoint)).module.state_dict()
+    tuned, original = resolve(str(output)).state, resolve(str(tiny_checkpoint)).state
     assert torch.equal(tuned["visual.conv1.weight"], original["visual.conv1.weight"])  # locked
     assert torch.equal(tuned["visual.transformer.resblocks.1.mlp.c_fc.weight"],
                        original["visual.transformer.resblocks.1.mlp.c_fc.weight"])

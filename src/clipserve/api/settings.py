@@ -135,6 +135,7 @@ class ServerSettings:
     device: str = "auto"
     precision: str = "auto"
     backend: str = "torch"
+    compile: bool = False
     auth: AuthSettings = AuthSettings()
     limits: Limits = Limits()
     batching: BatchSettings = BatchSettings()

@@ -34,7 +34,9 @@ def _store(args: argparse.Namespace):
 def _load_model(source: str, args: argparse.Namespace):
     import clipserve
 
-    return clipserve.load(source, device=args.device, precision=args.precision, backend=args.backend)
+    return clipserve.load(
+        source, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile
+    )
 
 
 def _print_report(report, extra_skipped=()) -> None:

@@ -8,6 +8,7 @@ from clipserve.registry import DEFAULT_MODEL
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")  # engine.loading's, without importing torch
 BACKEND_CHOICES = ("torch", "onnx")
+COMPILE_HELP = "torch.compile the towers (CUDA graphs on a GPU); each new batch shape compiles once"
 PRECISION_HELP = (
     "fp32 (exact), bf16, fp16, int8 (CPU), or auto: bf16 on a GPU, int8 on CPUs with VNNI/AMX, "
     "else fp32 (default auto)"
@@ -41,6 +42,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BACKEND_CHOICES,
         help="torch, or onnx (ONNX Runtime on an export cached per checkpoint; cpu, fp32 or int8) (default torch)",
     )
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily: --help stays fast)
@@ -55,4 +57,5 @@ def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily
         precision=args.precision,
         backend=args.backend,
         batch_size=args.batch_size,
+        compile=args.compile,
     )

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipserve.cli.common import BACKEND_CHOICES, PRECISION_CHOICES, PRECISION_HELP
+from clipserve.cli.common import BACKEND_CHOICES, COMPILE_HELP, PRECISION_CHOICES, PRECISION_HELP
 from clipserve.cli.main import CLIError
 from clipserve.registry import DEFAULT_MODEL
 
@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="torch, or onnx (ONNX Runtime on an export cached per checkpoint)")
     p.add_argument("--probe", action="append", default=[], metavar="DIR[=NAME]",
@@ -108,6 +109,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
             device=args.device,
             precision=args.precision,
             backend=args.backend,
+            compile=args.compile,
             auth=AuthSettings(
                 api_keys=(args.api_key,) if args.api_key else (),
                 admin_key=args.admin_key,
@@ -140,7 +142,13 @@ def load_models(settings: ServerSettings) -> dict[str, Model]:
     loaded: dict[str, Model] = {}
     for spec in settings.models:
         try:
-            model = load(spec.source, device=settings.device, precision=settings.precision, backend=settings.backend)
+            model = load(
+                spec.source,
+                device=settings.device,
+                precision=settings.precision,
+                backend=settings.backend,
+                compile=settings.compile,
+            )
         except HubError as exc:
             if spec.source == DEFAULT_MODEL:
                 raise CLIError(

@@ -248,6 +248,20 @@ def resolve_precision(precision: str, device: str) -> str:
     return INT8 if cpu_flags() & INT8_DOT_FLAGS else "fp32"
 
 
+def compile_towers(module: CLIP) -> CLIP:
+    """`torch.compile` both towers in place, shapes dynamic (batch size, text length).
+
+    On a GPU with CUDA graphs ("reduce-overhead": a graph per batch shape, which removes the kernel launch
+    cost that bounds small batches); on CPU in inductor's default mode, where it measured no faster than the
+    eager oneDNN path (ViT-B/32 batch 32: 15.1 against 15.9 images/s, after 46 s of compiling), so it is off
+    by default. The first batch of each new shape compiles.
+    """
+    mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
+    module.visual = torch.compile(module.visual, dynamic=True, mode=mode)
+    module.text = torch.compile(module.text, dynamic=True, mode=mode)
+    return module
+
+
 def load(
     source: str,
     *,
@@ -256,6 +270,7 @@ def load(
     precision: str = AUTO,
     backend: str = "torch",
     batch_size: int = 64,
+    compile: bool = False,
 ) -> Model:
     """Load a CLIP model.
 
@@ -266,6 +281,7 @@ def load(
     bf16 on a GPU (fp16 where it has no bf16), int8 on CPUs with int8 dot-product instructions (VNNI, AMX),
     fp32 on other CPUs. `model.info.precision` says which was chosen.
     `backend`: torch, or onnx (ONNX Runtime on a cached export, CPU, fp32 or int8; needs `clipserve[onnx]`).
+    `compile`: `torch.compile` the towers (CUDA graphs on a GPU; see `compile_towers`), torch backend only.
     """
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISION_CHOICES)}")
@@ -276,6 +292,10 @@ def load(
     resolved = resolve(str(source), checkpoint)
     parameters = sum(t.numel() for t in resolved.state.values())
     module = _build_runtime(resolved, device, precision, backend)
+    if compile:
+        if backend != "torch":
+            raise ValueError(f"compile=True needs backend='torch', not {backend!r}")
+        module = compile_towers(module)
     return Model(
         module,
         build_tokenizer(resolved),
