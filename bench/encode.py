@@ -145,6 +145,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
         os.environ.setdefault("CLIPSERVE_CACHE", str(self.tmp / "cache"))
         self.per_item: dict[tuple[str, str], float] = {}  # (model, path) -> seconds per item at batch 1
+        self.floors: dict[str, dict[str, float]] = {}  # model -> GEMM-rate floor per kernel (images/s)
 
     # -- running one cell ---------------------------------------------------------------------------------
 
@@ -253,6 +254,8 @@ class Bench:
 
     def bench_model(self, name: str) -> None:
         print(f"\n== {name}", flush=True)
+        if name != XLMR and any(w.startswith(("image", "e2e")) for w in self.args.workloads):
+            self.floors[name] = gemm_floors(name)
         reference, directory = self.open_clip_checkpoint(name)
         paths = self.clipserve_paths(directory)
         tokenizer = next(iter(paths.values())).tokenize if paths else clipserve.load(str(directory)).tokenize
@@ -426,12 +429,62 @@ class Bench:
                         "loadavg_end": load_end,
                     },
                     "rows": [asdict(r) for r in self.rows],
+                    "gemm_floors_images_per_s": self.floors,
                 },
                 indent=1,
             )  # fmt: skip
         )
         print(f"\nload average at start {self.load_start}, at end {load_end}; wrote {out}")
         return out
+
+
+def vit_linear_shapes(name: str) -> tuple[int, list[tuple[int, int]], float]:
+    """(tokens per image, the (in, out) shape of every Linear in one block, GFLOP per image) of a ViT tower."""
+    vision = open_clip().get_model_config(name)["vision_cfg"]
+    width, layers = vision["width"], vision["layers"]
+    hidden = int(width * vision.get("mlp_ratio", 4.0))
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
+    linear = 2 * tokens * sum(k * n for k, n in shapes) * layers
+    attention = 2 * 2 * tokens * tokens * width * layers
+    patches = 2 * tokens * 3 * vision["patch_size"] ** 2 * width
+    return tokens, shapes, (linear + attention + patches) / 1e9
+
+
+def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, float]:
+    """Images/s a ViT tower could reach if every FLOP ran at the GEMM rate measured here for its block's
+    Linear shapes (rows = batch x tokens): fp32 through MKL (`addmm`) and oneDNN packed weights, and int8
+    (torch's dynamic quantised Linear, the kernel `precision="int8"` uses). What bounds each path on this CPU."""
+    from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
+    from clipserve.engine.quantize import _int8_linear, quantized_engine
+
+    torch.backends.quantized.engine = quantized_engine()
+    tokens, shapes, gflop = vit_linear_shapes(name)
+    rows = batch * tokens
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+        "fp32 addmm (MKL)": lambda w, b: lambda x: torch.addmm(b, x, w.t()),
+        "int8 dynamic Linear": lambda w, b: _int8_linear(w, b),
+    }
+    if onednn_linear_available():
+        kernels["fp32 oneDNN packed"] = lambda w, b: OneDNNLinear(w, b)
+    floors = {}
+    with torch.inference_mode():
+        for kernel, make in kernels.items():
+            flop = elapsed = 0.0
+            for k, n in shapes:
+                fn, x = make(torch.randn(n, k), torch.randn(n)), torch.randn(rows, k)
+                fn(x)
+                count, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds / len(shapes):
+                    fn(x)
+                    count += 1
+                elapsed += time.perf_counter() - start
+                flop += 2 * rows * k * n * count
+            rate = flop / elapsed / 1e9
+            floors[kernel] = round(rate / gflop, 2)
+            print(f"{name:26s} floor    {kernel:34s} {rate:7.1f} GFLOP/s -> {rate / gflop:6.2f} images/s "
+                  f"({gflop:.2f} GFLOP per image)", flush=True)  # fmt: skip
+    return floors
 
 
 def hf_text_inputs(ids: torch.Tensor) -> dict[str, torch.Tensor]:
