@@ -211,7 +211,7 @@ class Bench:
 
     def open_clip_checkpoint(self, name: str) -> tuple[torch.nn.Module, Path]:
         oc = open_clip()
-        cfg = oc.get_model_config(name)
+        cfg = published_cfg = oc.get_model_config(name)
         if name == XLMR:
             from open_clip.model import CustomTextCLIP
 
@@ -228,7 +228,8 @@ class Bench:
             reference = randomize(CustomTextCLIP(**cfg)).eval()
         else:
             reference = randomize(oc.create_model(name)).eval()
-        directory = write_open_clip_dir(self.tmp / name, reference, cfg)
+        # the checkpoint names the published text tower (the reference was built from a local config of it)
+        directory = write_open_clip_dir(self.tmp / name, reference, published_cfg)
         if name == XLMR:
             write_xlmr_tokenizer_json(directory / "tokenizer.json")
         return reference, directory
@@ -537,9 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"cpu {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {bench.load_start}"
     )
-    for name in args.models:
-        bench.bench_model(name)
-    bench.finish()
+    try:
+        for name in args.models:
+            bench.bench_model(name)
+    finally:  # rows measured before a failure are kept
+        bench.finish()
     return 0
 
 

@@ -200,7 +200,9 @@ def resolve_device(device: str) -> str:
 BACKENDS = ("torch", "onnx")
 
 
-def _build_runtime(resolved: ResolvedCheckpoint, device: str, precision: str, backend: str) -> torch.nn.Module:
+def _build_runtime(
+    resolved: ResolvedCheckpoint, device: str, precision: str, backend: str, compile: bool = False
+) -> torch.nn.Module:
     """The module `Model` runs: torch weights cast once or int8-quantised, or ONNX Runtime sessions."""
     if backend == "onnx":
         from clipserve.engine import onnx_backend
@@ -221,6 +223,8 @@ def _build_runtime(resolved: ResolvedCheckpoint, device: str, precision: str, ba
     module = module.to(device)
     if precision == INT8:
         return quantize_int8(module)
+    if compile:  # inductor packs weights itself and cannot lower oneDNN's packed Linear with dynamic shapes
+        return compile_towers(module)
     return pack_fp32_linears(module) if precision == "fp32" else module
 
 
@@ -291,11 +295,9 @@ def load(
     precision = resolve_precision(precision, device)
     resolved = resolve(str(source), checkpoint)
     parameters = sum(t.numel() for t in resolved.state.values())
-    module = _build_runtime(resolved, device, precision, backend)
-    if compile:
-        if backend != "torch":
-            raise ValueError(f"compile=True needs backend='torch', not {backend!r}")
-        module = compile_towers(module)
+    if compile and (backend != "torch" or precision == INT8):
+        raise ValueError(f"compile=True needs backend='torch' and a float precision, not {backend!r}/{precision}")
+    module = _build_runtime(resolved, device, precision, backend, compile)
     return Model(
         module,
         build_tokenizer(resolved),
