@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from checkpoint_factory import randomize, write_open_clip_dir, write_xlmr_tokeni
 from oracles import open_clip, transformers  # noqa: E402
 
 import clipserve  # noqa: E402
+from clipserve.engine import linears  # noqa: E402
 from clipserve.engine.fast import ThreadPlan  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16", "xlm-roberta-base-ViT-B-32")
@@ -237,9 +239,12 @@ class Bench:
     def clipserve_paths(self, directory: Path) -> dict[str, clipserve.Model]:
         specs = {
             "clipserve fp32": {"precision": "fp32"},
+            # the same model on torch's default GEMM (MKL addmm): what the oneDNN Linear layers gain
+            "clipserve fp32 torch-gemm": {"precision": "fp32"},
+            "clipserve fp32 compile": {"precision": "fp32", "compile": True},
             "clipserve bf16": {"precision": "bf16"},
             "clipserve int8": {"precision": "int8"},
-            "clipserve onnx-fp32": {"backend": "onnx"},
+            "clipserve onnx-fp32": {"backend": "onnx", "precision": "fp32"},
             "clipserve onnx-int8": {"backend": "onnx", "precision": "int8"},
         }
         models = {}
@@ -247,7 +252,9 @@ class Bench:
             if self.args.paths and not any(p in path for p in self.args.paths):
                 continue
             start = time.perf_counter()
-            models[path] = clipserve.load(str(directory), batch_size=256, **kwargs)
+            plain_gemm = mock.patch.object(linears, "onednn_linear_available", lambda: False)
+            with plain_gemm if "torch-gemm" in path else contextlib.nullcontext():
+                models[path] = clipserve.load(str(directory), batch_size=256, **kwargs)
             print(f"  loaded {path} in {time.perf_counter() - start:.1f} s", flush=True)
         return models
 
@@ -457,14 +464,14 @@ def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, f
     Linear shapes (rows = batch x tokens): fp32 through MKL (`addmm`) and oneDNN packed weights, and int8
     (torch's dynamic quantised Linear, the kernel `precision="int8"` uses). What bounds each path on this CPU."""
     from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
-    from clipserve.engine.quantize import _int8_linear, quantized_engine
+    from clipserve.engine.quantize import int8_linear, quantized_engine
 
     torch.backends.quantized.engine = quantized_engine()
     tokens, shapes, gflop = vit_linear_shapes(name)
     rows = batch * tokens
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
         "fp32 addmm (MKL)": lambda w, b: lambda x: torch.addmm(b, x, w.t()),
-        "int8 dynamic Linear": lambda w, b: _int8_linear(w, b),
+        "int8 dynamic Linear": int8_linear,
     }
     if onednn_linear_available():
         kernels["fp32 oneDNN packed"] = lambda w, b: OneDNNLinear(w, b)

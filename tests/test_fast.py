@@ -164,6 +164,7 @@ def test_auto_precision_on_cpu_follows_int8_dot_product_support(
     monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
     assert clipserve.load(str(tiny_checkpoint)).info.precision == expected
     assert clipserve.load(str(tiny_checkpoint), precision="fp32").info.precision == "fp32"
+    assert loading.resolve_precision("auto", "cpu", compile=True) == "fp32"  # compile runs float weights only
 
 
 def test_auto_precision_on_gpu_is_bf16_where_supported(monkeypatch) -> None:

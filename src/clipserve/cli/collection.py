@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipserve.cli.common import add_runtime_arguments
+from clipserve.cli.common import add_runtime_arguments, runtime_options
 from clipserve.cli.main import CLIError
 
 SHOWN_SKIPS = 20
@@ -34,9 +34,7 @@ def _store(args: argparse.Namespace):
 def _load_model(source: str, args: argparse.Namespace):
     import clipserve
 
-    return clipserve.load(
-        source, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile
-    )
+    return clipserve.load(source, **runtime_options(args))
 
 
 def _print_report(report, extra_skipped=()) -> None:

@@ -45,17 +45,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
+def runtime_options(args: argparse.Namespace) -> dict[str, object]:
+    """`load` keyword arguments from `add_runtime_arguments`' options."""
+    return {"device": args.device, "precision": args.precision, "backend": args.backend, "compile": args.compile}
+
+
 def load_model(args: argparse.Namespace):  # -> clipserve.Model (imported lazily: --help stays fast)
     from clipserve.engine.loading import load
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return load(
-        args.model,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        precision=args.precision,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        compile=args.compile,
-    )
+    return load(args.model, checkpoint=args.checkpoint, batch_size=args.batch_size, **runtime_options(args))

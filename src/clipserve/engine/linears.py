@@ -4,8 +4,9 @@ More than 90% of a CLIP forward pass on CPU is Linear layers (ViT-B/32, batch 32
 the profile). Two swaps use this module:
 - precision="fp32" on CPU: oneDNN with weights reordered once into its blocked layout (`OneDNNLinear`).
   Same fp32 arithmetic in another summation order (max-abs difference ~1e-6 of unit-norm embeddings).
-  Measured on a 2-core AVX2 EPYC, 1600x768 @ 768x3072: 140 GFLOP/s against 117 for torch's MKL `addmm`;
-  ViT-B/32 images/s 15.9 against 12.7 at batch 32 and 11.2 against 7.4 at batch 1.
+  Measured on a 2-core AVX2 EPYC against the same model on torch's MKL `addmm` (bench/encode.py, paths
+  "clipserve fp32" and "clipserve fp32 torch-gemm"): ViT-B/32 11.4 against 7.8 images/s at batch 1, and
+  14.7 against 14.4 at batch 32, where both kernels run near this CPU's GEMM rate.
 - precision="int8" (quantize.py): dynamically quantised Linear layers.
 
 CLIP's packed q/k/v projection is a bare parameter of `Attention`, not an `nn.Linear`; `ProjectedAttention`

@@ -219,8 +219,8 @@ def _build_runtime(
         )
         logit_scale = resolved.state.get("logit_scale", torch.tensor(0.0))
         return onnx_backend.OnnxCLIP(directory, resolved.model_cfg, logit_scale, precision=precision)
-    module = build_module(resolved.model_cfg, resolved.state, resolved.source, PRECISIONS.get(precision, torch.float32))
-    module = module.to(device)
+    dtype = torch.float32 if precision == INT8 else PRECISIONS[precision]  # int8 quantises fp32 weights
+    module = build_module(resolved.model_cfg, resolved.state, resolved.source, dtype).to(device)
     if precision == INT8:
         return quantize_int8(module)
     if compile:  # inductor packs weights itself and cannot lower oneDNN's packed Linear with dynamic shapes
@@ -230,7 +230,7 @@ def _build_runtime(
 
 # CPU flags of an int8 dot-product instruction. With one, int8 GEMM runs about 4.5x fp32 (the issue's AVX-512
 # VNNI machine: 1786 against 400 GFLOP/s) and int8 is the default; without, int8 gains too little for its
-# approximation (a 2-core AVX2 EPYC: 170 against 140 GFLOP/s through oneDNN; ViT-B/32 16.8 against 15.9/s).
+# approximation (a 2-core AVX2 EPYC, bench/encode.py: ViT-B/32 batch 32 int8 18.2 against fp32 14.9 images/s).
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -243,22 +243,23 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """precision="auto": the fastest path measured to keep cosine >= 0.995 to fp32 on this kind of device."""
+def resolve_precision(precision: str, device: str, compile: bool = False) -> str:
+    """precision="auto": the fastest path measured to keep cosine >= 0.995 to fp32 on this kind of device
+    (float only with `compile`, which int8's quantised Linear layers do not support)."""
     if precision != AUTO:
         return precision
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return INT8 if cpu_flags() & INT8_DOT_FLAGS else "fp32"
+    return INT8 if cpu_flags() & INT8_DOT_FLAGS and not compile else "fp32"
 
 
 def compile_towers(module: CLIP) -> CLIP:
     """`torch.compile` both towers in place, shapes dynamic (batch size, text length).
 
     On a GPU with CUDA graphs ("reduce-overhead": a graph per batch shape, which removes the kernel launch
-    cost that bounds small batches); on CPU in inductor's default mode, where it measured no faster than the
-    eager oneDNN path (ViT-B/32 batch 32: 15.1 against 15.9 images/s, after 46 s of compiling), so it is off
-    by default. The first batch of each new shape compiles.
+    cost that bounds small batches); on CPU in inductor's default mode, where it measured slower than the
+    eager oneDNN path (bench/encode.py, ViT-B/32: 13.6 against 14.7 images/s at batch 32, 8.6 against 11.4
+    at batch 1), so it is off by default. The first batch of each new shape compiles.
     """
     mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
     module.visual = torch.compile(module.visual, dynamic=True, mode=mode)
@@ -292,11 +293,11 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    resolved = resolve(str(source), checkpoint)
-    parameters = sum(t.numel() for t in resolved.state.values())
+    precision = resolve_precision(precision, device, compile)
     if compile and (backend != "torch" or precision == INT8):
         raise ValueError(f"compile=True needs backend='torch' and a float precision, not {backend!r}/{precision}")
+    resolved = resolve(str(source), checkpoint)
+    parameters = sum(t.numel() for t in resolved.state.values())
     module = _build_runtime(resolved, device, precision, backend, compile)
     return Model(
         module,

@@ -27,7 +27,7 @@ def quantized_engine() -> str:
     return next((engine for engine in ENGINE_PREFERENCE if engine in supported), supported[0])
 
 
-def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
     if bias is not None:
@@ -44,4 +44,4 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     if next(module.parameters()).device.type != "cpu":
         raise ValueError("precision='int8' runs on CPU only (torch has no CUDA dynamic int8 kernels)")
     torch.backends.quantized.engine = quantized_engine()
-    return swap_linears(module, _int8_linear)
+    return swap_linears(module, int8_linear)
