@@ -44,7 +44,7 @@ from checkpoint_factory import randomize, write_open_clip_dir, write_xlmr_tokeni
 from oracles import open_clip, transformers  # noqa: E402
 
 import clipserve  # noqa: E402
-from clipserve.engine import linears  # noqa: E402
+from clipserve.engine import linears, quantize  # noqa: E402
 from clipserve.engine.fast import ThreadPlan  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16", "xlm-roberta-base-ViT-B-32")
@@ -244,6 +244,9 @@ class Bench:
             "clipserve fp32 compile": {"precision": "fp32", "compile": True},
             "clipserve bf16": {"precision": "bf16"},
             "clipserve int8": {"precision": "int8"},
+            # the same int8 GEMMs with one activation scale per batch (torch.ao's dynamic quantisation, the
+            # fallback; ONNX Runtime's scheme): what per-row quantisation costs or gains
+            "clipserve int8 per-batch": {"precision": "int8"},
             "clipserve onnx-fp32": {"backend": "onnx", "precision": "fp32"},
             "clipserve onnx-int8": {"backend": "onnx", "precision": "int8"},
         }
@@ -252,8 +255,13 @@ class Bench:
             if self.args.paths and not any(p in path for p in self.args.paths):
                 continue
             start = time.perf_counter()
-            plain_gemm = mock.patch.object(linears, "onednn_linear_available", lambda: False)
-            with plain_gemm if "torch-gemm" in path else contextlib.nullcontext():
+            if "torch-gemm" in path:
+                fallback = mock.patch.object(linears, "onednn_linear_available", lambda: False)
+            elif "per-batch" in path:
+                fallback = mock.patch.object(quantize, "int8_rows_available", lambda: False)
+            else:
+                fallback = contextlib.nullcontext()
+            with fallback:
                 models[path] = clipserve.load(str(directory), batch_size=256, **kwargs)
             print(f"  loaded {path} in {time.perf_counter() - start:.1f} s", flush=True)
         return models
@@ -461,20 +469,43 @@ def vit_linear_shapes(name: str) -> tuple[int, list[tuple[int, int]], float]:
 
 def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, float]:
     """Images/s a ViT tower could reach if every FLOP ran at the GEMM rate measured here for its block's
-    Linear shapes (rows = batch x tokens): fp32 through MKL (`addmm`) and oneDNN packed weights, and int8
-    (torch's dynamic quantised Linear, the kernel `precision="int8"` uses). What bounds each path on this CPU."""
+    Linear shapes (rows = batch x tokens): fp32 through MKL (`addmm`) and oneDNN packed weights; int8 as
+    `precision="int8"` runs it (quantising each row, then the GEMM), the same with one scale per batch (torch.ao's
+    dynamic Linear), and oneDNN's int8 GEMM alone on inputs quantised beforehand. What bounds each path here."""
     from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
-    from clipserve.engine.quantize import int8_linear, quantized_engine
+    from clipserve.engine.quantize import (
+        Int8Linear,
+        dynamic_int8_linear,
+        int8_rows_available,
+        quantize_rows,
+        quantized_engine,
+    )
 
     torch.backends.quantized.engine = quantized_engine()
     tokens, shapes, gflop = vit_linear_shapes(name)
     rows = batch * tokens
+
+    def int8_gemm_only(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        linear, quantized = Int8Linear(w, b), {}
+
+        def gemm(x: torch.Tensor) -> torch.Tensor:
+            q, _ = quantized.get("x") or quantized.setdefault("x", quantize_rows(x))
+            return torch.ops.onednn.qlinear_pointwise.default(
+                q, 1.0, quantize.ACTIVATION_ZERO_POINT, linear.packed_weight, linear.weight_scale,
+                linear.weight_zero_point, linear.bias, 1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+
+        return gemm
+
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
         "fp32 addmm (MKL)": lambda w, b: lambda x: torch.addmm(b, x, w.t()),
-        "int8 dynamic Linear": int8_linear,
+        "int8 per-batch dynamic Linear": dynamic_int8_linear,
     }
     if onednn_linear_available():
         kernels["fp32 oneDNN packed"] = lambda w, b: OneDNNLinear(w, b)
+    if int8_rows_available():
+        kernels["int8 per-row Linear"] = Int8Linear
+        kernels["int8 oneDNN GEMM alone"] = int8_gemm_only
     floors = {}
     with torch.inference_mode():
         for kernel, make in kernels.items():

@@ -24,4 +24,4 @@ def digits_checkpoint() -> Path:
 def digits_model(digits_checkpoint: Path):
     import clipserve
 
-    return clipserve.load(str(digits_checkpoint))
+    return clipserve.load(str(digits_checkpoint), precision="fp32")

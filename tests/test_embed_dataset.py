@@ -37,7 +37,7 @@ def test_embed_folder_matches_encode_image_and_imports(local_ray, tiny_model, ti
     (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "shards"
     assert main(["embed-dataset", str(tmp_path / "photos"), "--model", str(tiny_checkpoint), "--output", str(out),
-                 "--batch-size", "3"]) == 0  # fmt: skip
+                 "--batch-size", "3", "--precision", "fp32"]) == 0  # fmt: skip
     rows = read_shards(out)
     assert set(rows) == {str(p) for p in photos} | {str(tmp_path / "photos" / "broken.png")}
     broken = rows.pop(str(tmp_path / "photos" / "broken.png"))
@@ -67,7 +67,8 @@ def test_embed_webdataset_tar(local_ray, tiny_model, tiny_checkpoint, tmp_path: 
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "shards"
-    assert main(["embed-dataset", str(tar_path), "--model", str(tiny_checkpoint), "--output", str(out)]) == 0
+    assert main(["embed-dataset", str(tar_path), "--model", str(tiny_checkpoint), "--output", str(out),
+                 "--precision", "fp32"]) == 0
     rows = read_shards(out)
     assert sorted(rows) == ["sample000", "sample001", "sample002"]
     expected = tiny_model.encode_image([str(p) for p in photos], normalize=True).numpy()

@@ -22,6 +22,7 @@ from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorte
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
 from clipserve.engine.loading import build_module, resolve
 from clipserve.engine.pipeline import DecodePool
+from clipserve.engine.quantize import Int8Linear, int8_rows_available
 from clipserve.io.images import ImageError
 
 PROMPTS = [
@@ -90,7 +91,7 @@ def vit_b32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vit_b32_reference(vit_b32_checkpoint: Path, photos: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-    model = clipserve.load(str(vit_b32_checkpoint))
+    model = clipserve.load(str(vit_b32_checkpoint), precision="fp32")
     return model.encode_image(photos), model.encode_text(PROMPTS)
 
 
@@ -121,13 +122,39 @@ def test_precision_keeps_cosine_on_photos(
 
 
 def test_int8_quantises_every_block_projection(vit_b32_checkpoint: Path) -> None:
+    assert int8_rows_available()  # the CPU torch wheel this project installs has oneDNN's int8 Linear
     model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
     attentions = [m for m in model.module.modules() if isinstance(m, ProjectedAttention)]
     assert len(attentions) == 24  # 12 vision + 12 text blocks, packed q/k/v included
-    assert all(type(a.qkv) is torch.ao.nn.quantized.dynamic.Linear for a in attentions)
+    assert all(type(a.qkv) is Int8Linear for a in attentions)
     float_linears = [n for n, m in model.module.named_modules() if type(m) is torch.nn.Linear]
     assert float_linears == []
     assert model.info.parameters == clipserve.load(str(vit_b32_checkpoint)).info.parameters
+
+
+def test_int8_embeddings_do_not_depend_on_batch_mates(tiny_checkpoint: Path, photos: list[bytes]) -> None:
+    """Activations are quantised per row: an item embeds the same alone, in any batch, at any padding."""
+    model = clipserve.load(str(tiny_checkpoint), precision="int8")
+    together = model.encode_image(photos)
+    for i, photo in enumerate(photos):
+        torch.testing.assert_close(model.encode_image([photo]), together[i : i + 1], atol=1e-6, rtol=0)
+    texts = model.encode_text(PROMPTS)  # padded to the longest prompt
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(model.encode_text([prompt]), texts[i : i + 1], atol=1e-6, rtol=0)
+    # per-batch quantisation (the fallback, and ONNX Runtime's) fails this: one bright photo rescales the rest
+    bright = torch.full((1, 3, 32, 32), 50.0)
+    pixels = model.preprocessor.batch(photos[:2])
+    alone = model.encode_pixels(pixels)
+    torch.testing.assert_close(model.encode_pixels(torch.cat([pixels, bright]))[:2], alone, atol=1e-6, rtol=0)
+
+
+def test_int8_falls_back_to_per_batch_quantisation(tiny_checkpoint: Path, photos, monkeypatch) -> None:
+    rows = clipserve.load(str(tiny_checkpoint), precision="int8")
+    monkeypatch.setattr("clipserve.engine.quantize.int8_rows_available", lambda: False)
+    model = clipserve.load(str(tiny_checkpoint), precision="int8")
+    assert not any(isinstance(m, Int8Linear) for m in model.module.modules())
+    assert any(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in model.module.modules())
+    assert cosine(model.encode_image(photos), rows.encode_image(photos)).min() >= 0.99
 
 
 def test_fp32_on_cpu_runs_every_linear_through_onednn_and_stays_exact(
@@ -189,7 +216,7 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
 
 
 def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]) -> None:
-    model = clipserve.load(str(vit_b32_checkpoint))
+    model = clipserve.load(str(vit_b32_checkpoint), precision="fp32")
     fast = model.encode_image(photos, fast_decode=True)
     assert cosine(fast, vit_b32_reference[0]).min() >= 0.995
     assert centred_cosine(fast, vit_b32_reference[0]).min() >= 0.9
@@ -229,7 +256,7 @@ def test_onnx_export_matches_torch_dynamic_batch_and_length(tiny_checkpoint: Pat
 def test_onnx_backend_through_load(
     tiny_checkpoint: Path, onnx_cache: Path, photos, precision, minimum
 ) -> None:
-    reference = clipserve.load(str(tiny_checkpoint))
+    reference = clipserve.load(str(tiny_checkpoint), precision="fp32")
     model = clipserve.load(str(tiny_checkpoint), backend="onnx", precision=precision)
     assert model.info.backend == "onnx" and model.info.parameters == reference.info.parameters
     assert cosine(model.encode_image(photos), reference.encode_image(photos)).min() >= minimum
@@ -273,7 +300,7 @@ def test_fast_paths_on_trained_digits_model(digits_checkpoint: Path, onnx_cache:
 
     split = load_split("heldout")
     images, captions, labels = split.images[:64], split.captions[:64], torch.tensor(split.labels[:64])
-    reference = clipserve.load(str(digits_checkpoint))
+    reference = clipserve.load(str(digits_checkpoint), precision="fp32")
     ref_image, ref_text = reference.encode_image(images), reference.encode_text(captions)
     for kwargs in ({"precision": "int8"}, {"precision": "bf16"}, {"backend": "onnx", "precision": "int8"}):
         model = clipserve.load(str(digits_checkpoint), **kwargs)
@@ -349,3 +376,18 @@ def test_uint8_buffer_is_written_in_place(tiny_model, photos: list[bytes]) -> No
     assert batch.dtype == torch.uint8 and batch.shape == (1, 32, 32, 3)
     expected = tiny_model.preprocessor.to_uint8(Image.open(io.BytesIO(photos[0])))
     assert np.array_equal(batch[0].numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["eval", "--task", "zeroshot_classification", "--dataset", "x"], "fp32"),  # reproduces published numbers
+        (["embed", "tiny", "--text", "a"], "auto"),
+        (["embed-dataset", "in", "--model", "tiny", "--output", "out"], "auto"),
+        (["embed-dataset", "in", "--model", "tiny", "--output", "out", "--precision", "int8"], "int8"),
+    ],
+)
+def test_command_precision_defaults(argv: list[str], expected: str) -> None:
+    from clipserve.cli.main import build_parser
+
+    assert build_parser().parse_args(argv).precision == expected

@@ -208,7 +208,7 @@ def cmd_embed_dataset(args: argparse.Namespace) -> int:
     job = EmbedJob(
         inputs=tuple(args.inputs), model_source=args.model, output=args.output, input_format=args.format,
         column=args.column, batch_size=args.batch_size, concurrency=args.concurrency, threads=args.threads,
-        address=args.address, allow_hosts=tuple(args.allow_host or ["*"]),
+        address=args.address, allow_hosts=tuple(args.allow_host or ["*"]), load_options=runtime_options(args),
     )  # fmt: skip
     result = run_embed_job(job)
     print(f"embedded {result.embedded} items into {len(result.shards)} shard(s) in {args.output}"
@@ -303,4 +303,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--allow-host", action="append", help="hosts URLs may be fetched from (default: any public host)")
+    add_runtime_arguments(p)
     p.set_defaults(func=cmd_embed_dataset)

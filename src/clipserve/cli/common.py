@@ -9,13 +9,12 @@ from clipserve.registry import DEFAULT_MODEL
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")  # engine.loading's, without importing torch
 BACKEND_CHOICES = ("torch", "onnx")
 COMPILE_HELP = "torch.compile the towers (CUDA graphs on a GPU); each new batch shape compiles once"
-PRECISION_HELP = (
-    "fp32 (exact), bf16, fp16, int8 (CPU), or auto: bf16 on a GPU, int8 on CPUs with VNNI/AMX, "
-    "else fp32 (default auto)"
-)
+PRECISION_HELP = "fp32 (exact), bf16, fp16, int8 (CPU), or auto: bf16 on a GPU, int8 on CPUs with VNNI/AMX, else fp32"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = True) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, positional: bool = True, precision: str = "auto"
+) -> None:
     """MODEL (or --model), --checkpoint, the runtime arguments, --batch-size."""
     help_text = (
         "pretrained name (e.g. ViT-B-32/datacomp_xl_s13b_b90k), hf-hub:ORG/REPO, a local checkpoint directory, "
@@ -26,15 +25,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, positional: bool = T
     else:
         parser.add_argument("--model", default=DEFAULT_MODEL, help=help_text + f" (default {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", metavar="PATH", help="weights file (or directory) for an architecture name")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, precision=precision)
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --precision, --backend: how a model runs, for commands that name the model elsewhere."""
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, precision: str = "auto") -> None:
+    """--device, --precision, --backend, --compile: how a model runs (`precision`: the command's default)."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument(
-        "--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP
+        "--precision", default=precision, choices=PRECISION_CHOICES, help=f"{PRECISION_HELP} (default {precision})"
     )
     parser.add_argument(
         "--backend",

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_arguments(p, positional=False)
+    # fp32 unless asked: an evaluation reproduces the model's published numbers (CLIP_benchmark runs fp32);
+    # --precision int8 or bf16 measures what a faster path costs in accuracy
+    add_model_arguments(p, positional=False, precision="fp32")
     p.add_argument("--task", help=TASK_NAMES)
     p.add_argument("--dataset", metavar="SPEC", help="what to evaluate on (specs below)")
     p.add_argument("--split", default="test", help="split of layouts that have them (default test)")

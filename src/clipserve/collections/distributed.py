@@ -16,7 +16,7 @@ Ray is an optional extra: this module imports it only inside `run_embed_job`, an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class EmbedJob:
     threads: int = 1
     address: str | None = None
     allow_hosts: tuple[str, ...] = ("*",)
+    load_options: dict[str, object] = field(default_factory=dict)  # `clipserve.load` keywords: precision, ...
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -75,13 +76,13 @@ class EmbedResult:
 class ImageEmbedder:
     """The Ray actor: one loaded model, called on batches of {id, source, data, error}."""
 
-    def __init__(self, model_source: str, threads: int) -> None:
+    def __init__(self, model_source: str, threads: int, load_options: dict[str, object]) -> None:
         import torch
 
         import clipserve
 
         torch.set_num_threads(threads)
-        self.model = clipserve.load(model_source)
+        self.model = clipserve.load(model_source, **load_options)
         self.limits = ImageLimits()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -188,7 +189,7 @@ def run_embed_job(job: EmbedJob) -> EmbedResult:
     output = Path(job.output)
     if output.exists() and any(output.glob("*.parquet")):
         raise ValueError(f"{output} already holds Parquet shards; choose an empty output directory")
-    model = clipserve.load(job.model_source)  # fail fast (and record the model) before starting Ray
+    model = clipserve.load(job.model_source, **job.load_options)  # fail fast (and record the model) before starting Ray
     source = str(Path(job.model_source).resolve()) if Path(job.model_source).exists() else job.model_source
     ray = _init_ray(job.address)
     data = ray.data
@@ -204,7 +205,7 @@ def run_embed_job(job: EmbedJob) -> EmbedResult:
         )
     ds = ds.map_batches(
         ImageEmbedder,
-        fn_constructor_kwargs={"model_source": source, "threads": job.threads},
+        fn_constructor_kwargs={"model_source": source, "threads": job.threads, "load_options": job.load_options},
         batch_size=job.batch_size, batch_format="numpy", concurrency=job.concurrency, num_cpus=job.threads,
     )  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
