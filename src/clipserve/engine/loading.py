@@ -228,9 +228,10 @@ def _build_runtime(
     return pack_fp32_linears(module) if precision == "fp32" else module
 
 
-# CPU flags of an int8 dot-product instruction. With one, int8 GEMM runs about 4.5x fp32 (the issue's AVX-512
-# VNNI machine: 1786 against 400 GFLOP/s) and int8 is the default; without, int8 gains too little for its
-# approximation (a 2-core AVX2 EPYC, bench/encode.py: ViT-B/32 batch 32 int8 18.2 against fp32 14.9 images/s).
+# CPU flags of an int8 dot-product instruction. With one, int8 GEMM runs 3-4.5x fp32 and int8 is the default
+# (a 2-core AVX-512 VNNI Xeon, bench/encode.py: oneDNN int8 GEMM 602 against fp32 184 GFLOP/s; ViT-B/32 batch 32
+# int8 25.9 against fp32 16.8 images/s, cosine 0.9997); without, int8 gains too little for its approximation
+# (a 2-core AVX2 EPYC: ViT-B/32 batch 32 int8 18.2 against fp32 14.9 images/s).
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -257,9 +258,10 @@ def compile_towers(module: CLIP) -> CLIP:
     """`torch.compile` both towers in place, shapes dynamic (batch size, text length).
 
     On a GPU with CUDA graphs ("reduce-overhead": a graph per batch shape, which removes the kernel launch
-    cost that bounds small batches); on CPU in inductor's default mode, where it measured slower than the
-    eager oneDNN path (bench/encode.py, ViT-B/32: 13.6 against 14.7 images/s at batch 32, 8.6 against 11.4
-    at batch 1), so it is off by default. The first batch of each new shape compiles.
+    cost that bounds small batches); on CPU in inductor's default mode. Off by default on CPU: measured with
+    bench/encode.py, it lost to the eager oneDNN path at batch 1 (ViT-B/32: 8.6 against 11.4 images/s on an
+    AVX2 EPYC, 6.3 against 10.9 on an AVX-512 Xeon) and won only large batches on the Xeon (ViT-B/16 batch
+    32: 5.7 against 4.4). The first batch of each new shape compiles.
     """
     mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
     module.visual = torch.compile(module.visual, dynamic=True, mode=mode)
