@@ -8,8 +8,9 @@ Per-row rather than per-batch (what `torch.ao`'s dynamic quantisation and ONNX R
 batch-wide scale makes an item's embedding depend on the other items of its batch: the server batches
 concurrent requests, so the same image would embed differently from call to call, and a collection could not
 find an item by its own image at score 1. Per row, an embedding is a function of its input alone (tested),
-and closer to fp32: ViT-B/32 on real photos, batch 32, centred cosine to fp32 0.9987 against 0.9944
-per batch. It also ran faster on a 2-core AVX-512 VNNI Xeon (44 against 34 images/s; fp32 17).
+and closer to fp32. Measured with bench/encode.py on a 2-core AVX-512 VNNI Xeon (ViT-B/32, batch 32, real
+photos): centred cosine to fp32 0.9993 against 0.9974 per batch, for 25.9 against 31.1 images/s (ViT-B/16:
+10.1 against 10.5; fp32 16.8 and 4.4).
 
 `linears.swap_linears` covers CLIP's packed q/k/v projection too (a third of each block's GEMM work).
 Where this torch build lacks oneDNN's int8 Linear, `torch.ao`'s dynamic (per-batch) quantisation is used.
@@ -24,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from clipserve.engine.linears import swap_linears
+from clipserve.engine.linears import kernel_error, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,18 @@ class Int8Linear(nn.Module):
             bias = torch.zeros(self.out_features) if bias is None else bias.detach().float().clone()
             self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 0:
-            return x.new_empty((*leading, self.out_features))
-        q, row_scale = quantize_rows(rows)
-        # [M, N] = (q - 128) @ W_q^T * channel_scale, in float32; the row scale and bias in one pass after
-        y = torch.ops.onednn.qlinear_pointwise.default(
+    def gemm(self, q: torch.Tensor) -> torch.Tensor:
+        """uint8 rows from `quantize_rows` [M, K] -> (q - 128) @ W_q^T * channel_scale [M, N], float32."""
+        return torch.ops.onednn.qlinear_pointwise.default(
             q, 1.0, ACTIVATION_ZERO_POINT, self.packed_weight, self.weight_scale, self.weight_zero_point,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        torch.addcmul(self.bias, y, row_scale, out=y)
-        return y.reshape(*leading, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, row_scale = quantize_rows(x.reshape(-1, self.in_features))
+        y = self.gemm(q)
+        torch.addcmul(self.bias, y, row_scale, out=y)  # row scale and bias in one pass
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activations per row"
@@ -80,18 +80,9 @@ class Int8Linear(nn.Module):
 
 @functools.cache
 def int8_rows_available() -> bool:
-    """Whether this torch build runs `Int8Linear`, checked once against float arithmetic on a small input."""
-    try:
-        generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(24, 16, generator=generator)
-        bias = torch.randn(24, generator=generator)
-        x = torch.randn(2, 3, 16, generator=generator)
-        with torch.inference_mode():
-            error = (Int8Linear(weight, bias)(x) - torch.nn.functional.linear(x, weight, bias)).abs().max()
-    except (AttributeError, RuntimeError) as exc:  # op missing from this build or CPU unsupported
-        log.info("oneDNN int8 Linear unavailable (%s); int8 uses torch.ao dynamic quantisation", exc)
-        return False
-    return bool(error < 0.2)  # 16 products of two 1/254-quantised N(0,1) factors: errors ~0.05
+    """Whether this torch build runs `Int8Linear`, checked once against float arithmetic."""
+    error = kernel_error(Int8Linear, "oneDNN int8 Linear", "int8 uses torch.ao dynamic quantisation")
+    return error is not None and error < 0.2  # 16 products of two 1/254-quantised N(0,1) factors: errors ~0.05
 
 
 # For the fallback. Measured on an AVX2 EPYC (2 cores, ViT-B/32 batch 32, bench/encode.py): onednn's dynamic
