@@ -201,6 +201,8 @@ def test_classification_matches_model_and_sorts(client: TestClient, tiny_model, 
 def test_classification_imagenet_templates_top_k_and_cache(client: TestClient, tiny_model, images) -> None:
     labels = ["dog", "bird", "car"]
     before = len(tiny_model.label_cache)
+    texts = client.app.state.server.pool.get(MODEL).batched.texts
+    batches_before = texts.batches_run
     for image in images[:3]:
         response = client.post(
             "/v1/classifications",
@@ -210,8 +212,14 @@ def test_classification_imagenet_templates_top_k_and_cache(client: TestClient, t
         assert response.status_code == 200, response.text
         assert len(response.json()["data"][0]["labels"]) == 2
     key = (tuple(labels), tuple(imagenet_templates("en")))
-    assert tiny_model.label_cache.get(key) is not None  # one text pass, cached for the next images
+    classifier = tiny_model.label_cache.get(key)
+    assert classifier is not None  # one text pass, cached for the next images
     assert len(tiny_model.label_cache) == before + 1
+    # the 3 x 80 prompts ran through the server's text batcher (batches of at most 16), not beside it
+    assert texts.batches_run - batches_before >= 3 * 80 // 16
+    prompts = tiny_model.encode_text(tiny_model.classifier_prompts(labels, key[1])[1], normalize=True)
+    expected = torch.nn.functional.normalize(prompts.view(3, 80, -1).mean(dim=1), dim=-1)
+    torch.testing.assert_close(classifier, expected, atol=1e-5, rtol=0)
 
 
 def test_multi_label_is_per_label_two_way_softmax(client: TestClient, tiny_model, images) -> None:
@@ -346,8 +354,11 @@ def test_ready_reports_a_broken_model_then_recovers(tiny_model, tmp_path: Path) 
 
         batched.texts._run = broken
         try:
-            failed = client.post("/v1/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH)
+            failed = client.post(
+                "/v1/embeddings", json={"model": MODEL, "input": "x"}, headers={**AUTH, "X-Request-ID": "trace-7"}
+            )
             assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+            assert failed.headers["X-Request-ID"] == "trace-7" and "trace-7" in failed.json()["error"]["message"]
             ready = client.get("/ready")
             assert ready.status_code == 503
             assert "probe failed" in ready.json()["models"][MODEL]

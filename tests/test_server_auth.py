@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from fastapi.routing import APIRoute
@@ -130,6 +132,34 @@ def test_image_and_token_quotas_are_429_and_usage_is_listed(client: TestClient, 
     usage = client.get("/admin/usage", params={"key_id": key_id}, headers=ADMIN).json()["data"]
     assert len(usage) == 1
     assert (usage[0]["requests"], usage[0]["images"], usage[0]["tokens"]) == (2, 2, 4)  # "a cat" = sot a cat eot
+
+
+def test_concurrent_requests_cannot_overrun_a_quota(client: TestClient, png: bytes) -> None:
+    key_id, key = create_key(client, quota_images=3)
+    body = {"model": MODEL, "input": [data_url(png)]}
+    with ThreadPoolExecutor(6) as pool:  # all six are admitted before any finishes encoding
+        statuses = sorted(pool.map(lambda _: client.post("/v1/embeddings", json=body, headers=bearer(key)).status_code,
+                                   range(6)))
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    usage = client.get("/admin/usage", params={"key_id": key_id}, headers=ADMIN).json()["data"]
+    assert (usage[0]["requests"], usage[0]["images"]) == (3, 3)
+
+
+def test_a_request_that_fails_in_the_model_is_not_charged(tiny_model, tmp_path: Path, png: bytes) -> None:
+    app = create_app(settings_for(tmp_path), {MODEL: tiny_model})
+    with TestClient(app, raise_server_exceptions=False) as client:
+        key_id, key = create_key(client, quota_images=1)
+        batched = app.state.server.pool.get(MODEL).batched
+
+        def broken(rows):
+            raise RuntimeError("device lost")
+
+        body = {"model": MODEL, "input": [data_url(png)]}
+        with mock.patch.object(batched.images, "_run", broken):
+            assert client.post("/v1/embeddings", json=body, headers=bearer(key)).status_code == 500
+        usage = client.get("/admin/usage", params={"key_id": key_id}, headers=ADMIN).json()["data"]
+        assert (usage[0]["requests"], usage[0]["images"]) == (0, 0)
+        assert client.post("/v1/embeddings", json=body, headers=bearer(key)).status_code == 200  # quota intact
 
 
 def test_no_auth_serves_anyone_and_warns(tiny_model, tmp_path: Path, caplog) -> None:

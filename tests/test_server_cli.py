@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from test_server_support import free_port
 
 from clipserve.cli.main import build_parser, main
 from clipserve.cli.serve import build_settings
@@ -87,3 +96,47 @@ def test_json_logs_carry_the_request_id() -> None:
     finally:
         request_id.reset(token)
     assert line["message"] == "GET /health 200" and line["request_id"] == "req-7" and line["status"] == 200
+
+
+@pytest.mark.slow
+def test_sigterm_drains_a_request_in_flight_then_exits_cleanly(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    port = free_port()
+    serve = [sys.executable, "-c", "from clipserve.cli.main import main; raise SystemExit(main())", "serve",
+             "--model", f"{tiny_checkpoint}=tiny", "--precision", "fp32", "--port", str(port), "--api-key", "sigterm-test-key-1",
+             "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    proc = subprocess.Popen(serve, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not become ready"
+                time.sleep(0.3)
+        body = json.dumps({"model": "tiny", "input": ["a photo of a cat", "a dog"]}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sigterm-test-key-1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:10])
+            )
+            time.sleep(0.5)  # the request is in flight: headers in, body still arriving
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None, "the server exited with a request in flight"
+            conn.sendall(body[10:])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert [row["index"] for row in json.loads(payload)["data"]] == [0, 1]
+        # uvicorn re-raises the signal once its graceful shutdown is done: supervisors see a SIGTERM exit
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        with pytest.raises(OSError):  # and nothing listens any more
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate(timeout=30)[1]
+    assert "Traceback" not in stderr, stderr

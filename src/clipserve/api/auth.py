@@ -156,14 +156,37 @@ class KeyStore:
             )
         return cursor.rowcount == 1
 
-    def record(self, key_id: str, images: int, tokens: int, day: str | None = None) -> None:
+    def charge(self, key_id: str, limits: KeyLimits, images: int, tokens: int, day: str) -> str | None:
+        """Add one request and its cost to the key's usage of `day`, atomically with the check against its
+        daily quotas (concurrent requests, even from other processes on this database, cannot both take
+        the last of a quota): None once added, else why it would exceed them, nothing added."""
         with self._lock:
-            self._db.execute(
-                "INSERT INTO usage (key_id, day, requests, images, tokens) VALUES (?, ?, 1, ?, ?) "
-                "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + 1, "
-                "images = images + excluded.images, tokens = tokens + excluded.tokens",
-                (key_id, day or utc_day(), images, tokens),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT images, tokens FROM usage WHERE key_id = ? AND day = ?", (key_id, day)
+                ).fetchone()
+                refusal = quota_refusal(limits, *(row or (0, 0)), images, tokens)
+                if refusal is None:
+                    self._add_usage(key_id, day, 1, images, tokens)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return refusal
+
+    def refund(self, key_id: str, images: int, tokens: int, day: str) -> None:
+        """Take back a `charge` whose request failed before its model work was done."""
+        with self._lock:
+            self._add_usage(key_id, day, -1, -images, -tokens)
+
+    def _add_usage(self, key_id: str, day: str, requests: int, images: int, tokens: int) -> None:
+        self._db.execute(
+            "INSERT INTO usage (key_id, day, requests, images, tokens) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests, "
+            "images = images + excluded.images, tokens = tokens + excluded.tokens",
+            (key_id, day, requests, images, tokens),
+        )
 
     def usage(self, key_id: str | None = None, day: str | None = None) -> list[UsageRecord]:
         query = "SELECT key_id, day, requests, images, tokens FROM usage"
@@ -214,14 +237,8 @@ class RateLimiter:
             return (1.0 - tokens) / rate
 
 
-def quota_refusal(store: KeyStore, caller: Caller, images: int, tokens: int) -> str | None:
-    """Why this request would exceed the caller's daily quota, or None if it fits."""
-    limits = caller.limits
-    if limits.quota_images is None and limits.quota_tokens is None:
-        return None
-    used = store.usage(caller.key_id, utc_day())
-    used_images = sum(u.images for u in used)
-    used_tokens = sum(u.tokens for u in used)
+def quota_refusal(limits: KeyLimits, used_images: int, used_tokens: int, images: int, tokens: int) -> str | None:
+    """Why a request of `images` and `tokens` would exceed daily quotas already used this much, or None."""
     if limits.quota_images is not None and used_images + images > limits.quota_images:
         return f"daily image quota exceeded: {used_images} used + {images} requested > {limits.quota_images}"
     if limits.quota_tokens is not None and used_tokens + tokens > limits.quota_tokens:

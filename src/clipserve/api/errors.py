@@ -125,7 +125,11 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
         count("internal_error")
         request_id = request.scope.get("state", {}).get("request_id")
         log.error("unhandled error", exc_info=exc)
-        return error_response(500, f"internal server error (request id {request_id})", code="internal_error")
+        # Starlette answers unhandled errors outside the middleware that adds X-Request-ID to other responses
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return error_response(
+            500, f"internal server error (request id {request_id})", code="internal_error", headers=headers
+        )
 
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from clipserve.api.auth import Caller, quota_refusal, seconds_to_next_utc_day
+from clipserve.api.auth import Caller, seconds_to_next_utc_day, utc_day
 from clipserve.api.deps import ServerState, authorize, server_state
 from clipserve.api.errors import INFERENCE_ERRORS, APIError
 from clipserve.api.inputs import ImageItem, Item, TextItem, image_bytes, parse_item, parse_items
@@ -98,7 +98,8 @@ async def encode_items(
     state: ServerState, caller: Caller, served: ServedModel, items: Sequence[Item], params: Sequence[str],
     extra_text_tokens: int = 0,
 ) -> tuple[torch.Tensor, Cost]:
-    """Embeddings [N, D] (L2-normalised) for mixed items, in order; quota checked before inference."""
+    """Embeddings [N, D] (L2-normalised) for mixed items, in order, charged to the caller's usage before
+    inference (refused with 429 past a daily quota) and refunded if they cannot be computed."""
     text_at = [k for k, item in enumerate(items) if isinstance(item, TextItem)]
     image_at = [k for k, item in enumerate(items) if isinstance(item, ImageItem)]
     datas = await image_bytes(
@@ -115,22 +116,23 @@ async def encode_items(
         raise APIError(400, f"{param}: {exc}", param=param, code="invalid_image") from None
     texts = await batched.prepare_texts([items[k].text for k in text_at])  # type: ignore[union-attr]
     cost = Cost(len(image_at), sum(texts.counts) + extra_text_tokens, len(image_at) * image_tokens(served))
-    refusal = quota_refusal(state.keys, caller, cost.images, cost.text_tokens)
+    day = utc_day()
+    refusal = state.keys.charge(caller.key_id, caller.limits, cost.images, cost.text_tokens, day)
     if refusal is not None:
         raise APIError(429, refusal, code="quota_exceeded", headers={"Retry-After": str(seconds_to_next_utc_day())})
-    image_vectors, text_vectors = await asyncio.gather(
-        batched.encode_images(pixels), batched.encode_texts(texts.tokens)
-    )
+    try:
+        image_vectors, text_vectors = await asyncio.gather(
+            batched.encode_images(pixels), batched.encode_texts(texts.tokens)
+        )
+    except BaseException:  # errors, and the request timeout's cancellation
+        state.keys.refund(caller.key_id, cost.images, cost.text_tokens, day)
+        raise
     out = torch.empty(len(items), served.model.embed_dim)
     if image_at:
         out[image_at] = image_vectors
     if text_at:
         out[text_at] = text_vectors
     return out, cost
-
-
-def record(state: ServerState, caller: Caller, cost: Cost) -> None:
-    state.keys.record(caller.key_id, cost.images, cost.text_tokens)
 
 
 def _vector(row: torch.Tensor, encoding: str) -> list[float] | str:
@@ -191,7 +193,6 @@ async def create_embeddings(
     check_count(state, len(items), "input")
     params = [f"input[{i}]" for i in range(len(items))] if isinstance(body.input, list) else ["input"]
     vectors, cost = await guarded(state, encode_items(state, caller, served, items, params))
-    record(state, caller, cost)
     return JSONResponse(embedding_payload(served.alias, vectors, cost, body.encoding_format))
 
 
@@ -222,7 +223,6 @@ async def upload_embeddings(
     items = await read_uploads(files, state)
     params = [f"files[{i}]" for i in range(len(items))]
     vectors, cost = await guarded(state, encode_items(state, caller, served, items, params))
-    record(state, caller, cost)
     return JSONResponse(embedding_payload(served.alias, vectors, cost, encoding_format))
 
 
@@ -284,7 +284,6 @@ async def classify(
     else:
         probabilities = (scale * cosine).softmax(dim=-1)
     data = ranked(probabilities, cosine, labels, top_k)
-    record(state, caller, cost)
     return {"object": "list", "data": data, "model": served.alias, "usage": cost.usage()}
 
 
@@ -319,7 +318,6 @@ async def classify_with_probe(
     images, cost = await encode_items(state, caller, served, items, params)
     logits = images @ probe.weight.T + probe.bias  # features are already L2-normalised
     data = ranked(logits.softmax(dim=-1), logits, probe.classes, top_k)
-    record(state, caller, cost)
     return {"object": "list", "data": data, "model": served.alias, "usage": cost.usage()}
 
 
@@ -394,7 +392,6 @@ async def rank(
     scores = vectors[1:] @ vectors[0]
     probabilities = (math.exp(served.model.logit_scale) * scores).softmax(dim=0)
     order = torch.argsort(scores, descending=True, stable=True).tolist()[: body.top_n]
-    record(state, caller, cost)
     return {
         "object": "list",
         "data": [{"index": i, "score": float(scores[i]), "probability": float(probabilities[i])} for i in order],

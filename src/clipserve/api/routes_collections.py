@@ -27,7 +27,7 @@ from clipserve.api.deps import ServerState, authorize, server_state
 from clipserve.api.errors import INFERENCE_ERRORS, APIError
 from clipserve.api.inputs import ImageItem, Item, TextItem, image_bytes, image_from_string
 from clipserve.api.pool import ServedModel
-from clipserve.api.routes import check_count, encode_items, guarded, lookup, read_uploads, record
+from clipserve.api.routes import check_count, encode_items, guarded, lookup, read_uploads
 from clipserve.collections import (
     Collection,
     CollectionError,
@@ -196,7 +196,6 @@ async def _add(
         for k, item_id in zip(fresh, await _call(collection.add, embedded), strict=True):
             ids[k] = item_id
         await _call(collection.maybe_save_index)
-        record(state, caller, cost)
         usage = cost.usage()
     data = [{"index": i, "id": item_id, "status": "added" if item_id is not None else "duplicate"}
             for i, item_id in enumerate(ids)]  # fmt: skip
@@ -272,7 +271,6 @@ async def search(name: str, body: SearchRequest, request: Request, caller: Calle
                        else image_from_string(body.image or "", 0, "image", raw_base64=True))  # fmt: skip
         param = "text" if body.text is not None else "image"
         vectors, cost = await guarded(state, encode_items(state, caller, served, [query], [param]))
-        record(state, caller, cost)
         vector, usage = vectors[0].numpy(), cost.usage()
     hits = await _call(collection.search, vector, top_k=body.top_k, filter=body.filter, min_score=body.min_score)
     data = [{"object": "search.result", "score": hit.score, **hit.item.as_dict()} for hit in hits]

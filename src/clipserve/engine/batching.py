@@ -382,9 +382,17 @@ class BatchedModel:
         return torch.stack(await self.texts.run(list(tokens)))
 
     async def text_classifier(self, labels: Sequence[str], templates: Sequence[str] | None) -> torch.Tensor:
-        """`Model.text_classifier` (its LRU: one text pass per label set) on the pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.model.text_classifier, list(labels), templates)
+        """`Model.text_classifier` with its prompts run through the text batcher, like any other text: one
+        inference thread, the queue bound, batched with concurrent requests. Cached in the model's LRU."""
+        key, prompts = self.model.classifier_prompts(labels, templates)
+        cached = self.model.label_cache.get(key)
+        if cached is not None:
+            return cached
+        embeddings = []
+        for start in range(0, len(prompts), self.settings.max_batch_size):  # any label count fits the queue
+            texts = await self.prepare_texts(prompts[start : start + self.settings.max_batch_size])
+            embeddings.append(await self.encode_texts(texts.tokens))
+        return self.model.cache_classifier(key, torch.cat(embeddings))
 
 
 __all__ = [
