@@ -5,10 +5,13 @@
 
 Random weights (open_clip 3.3.0's architectures, randomised like tests/checkpoint_factory.py), real photos
 (scikit-image / scikit-learn) as 1024x768 JPEGs for the end-to-end rows. For every (model, workload) it prints
-items/s (median of `--repeats` timed runs after one warm-up), the process's RSS and peak RSS, the cosine to fp32
+items/s (median of `--repeats` timed runs after one warm-up; the runs of one workload's paths interleave, round
+by round, so that the machine's drift reaches them alike), the process's RSS and peak RSS, the cosine to fp32
 open_clip (min over the distinct inputs) and the same cosine with the batch mean removed (random weights make
-all embeddings nearly parallel), and the ratio to the best peer. Paths whose one-item warm-up predicts more
-than `--budget` seconds per timed run are skipped and say so (bf16 on CPUs without AVX-512 BF16, for one).
+all embeddings nearly parallel), and the ratio to the best peer. At image batch 32 it also times "floor" rows,
+in the same rounds: one batch's Linear GEMMs alone per kernel (`gemm_floors`), what bounds each path. Paths
+whose one-item warm-up predicts more than `--budget` seconds per timed run are skipped and say so (bf16 on
+CPUs without AVX-512 BF16, for one).
 Results go to bench/results/encode-<host>-<time>.json together with the machine load, which matters: numbers
 taken while other processes run are low and noisy; compare ratios within one run.
 """
@@ -122,21 +125,15 @@ def cycle(items: list, n: int) -> list:
     return [items[i % len(items)] for i in range(n)]
 
 
-def measure(
-    fn: Callable[[], torch.Tensor], items: int, repeats: int, budget: float
-) -> tuple[list[float], str]:
-    """Warm up once, then time `repeats` runs (fewer if they would exceed 3x `budget` in total)."""
-    start = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - start
-    runs: list[float] = []
-    for _ in range(repeats):
-        if runs and sum(runs) + warm > 3 * budget:
-            break
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return runs, f"{len(runs)} runs" if len(runs) < repeats else ""
+@dataclass
+class Cell:
+    """One (model, workload, path) waiting for its timed runs, which `Bench.flush` interleaves with the other
+    cells of its workload."""
+
+    row: Row
+    run: Callable[[], object]
+    items: int
+    warm_s: float
 
 
 class Bench:
@@ -147,7 +144,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
         os.environ.setdefault("CLIPSERVE_CACHE", str(self.tmp / "cache"))
         self.per_item: dict[tuple[str, str], float] = {}  # (model, path) -> seconds per item at batch 1
-        self.floors: dict[str, dict[str, float]] = {}  # model -> GEMM-rate floor per kernel (images/s)
+        self.pending: list[Cell] = []  # warmed-up cells of the current workload, timed by `flush`
 
     # -- running one cell ---------------------------------------------------------------------------------
 
@@ -163,6 +160,7 @@ class Bench:
         peer: bool,
         distinct: int,
     ) -> None:
+        """Warm `fn` up once (and take its cosines); its timed runs wait for `flush`."""
         if self.args.paths and not any(p in path for p in self.args.paths):
             return
         row = Row(model, workload, path, peer)
@@ -176,22 +174,46 @@ class Bench:
                 )
             else:
                 with torch.inference_mode():
+                    start = time.perf_counter()
                     out = fn(inputs)
+                    warm = time.perf_counter() - start
                     if len(inputs) == 1:
                         start = time.perf_counter()
                         fn(inputs)
-                        self.per_item[key] = time.perf_counter() - start
-                    runs, row.note = measure(
-                        lambda: fn(inputs), len(inputs), self.args.repeats, self.args.budget
-                    )
-                row.runs_s = [round(r, 4) for r in runs]
-                row.items_per_s = round(len(inputs) / statistics.median(runs), 2)
+                        self.per_item[key] = warm = time.perf_counter() - start
                 if reference is not None:
                     row.cosine_min, row.centred_cosine_min = (
                         round(c, 5) for c in cosines(out[:distinct], reference)
                     )
+                self.pending.append(Cell(row, lambda: fn(inputs), len(inputs), warm))
+                return
         except Exception as exc:  # a peer that cannot run here must not stop the others
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        self.record(row)
+
+    def flush(self) -> None:
+        """Time the pending cells in rounds, each cell once per round, so that the machine's drift during the
+        workload reaches every path alike; a cell stops early past 3x `--budget` seconds in all."""
+        for _ in range(self.args.repeats):
+            for cell in self.pending:
+                if cell.row.runs_s and sum(cell.row.runs_s) + cell.warm_s > 3 * self.args.budget:
+                    continue
+                try:
+                    with torch.inference_mode():
+                        start = time.perf_counter()
+                        cell.run()
+                        cell.row.runs_s.append(round(time.perf_counter() - start, 4))
+                except Exception as exc:
+                    cell.row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        for cell in self.pending:
+            if cell.row.runs_s:
+                cell.row.items_per_s = round(cell.items / statistics.median(cell.row.runs_s), 2)
+                if len(cell.row.runs_s) < self.args.repeats:
+                    cell.row.note = f"{len(cell.row.runs_s)} runs"
+            self.record(cell.row)
+        self.pending = []
+
+    def record(self, row: Row) -> None:
         row.rss_mib, row.peak_rss_mib = (round(v) for v in rss_mib())
         self.rows.append(row)
         self.print_row(row)
@@ -244,6 +266,8 @@ class Bench:
             "clipserve fp32 compile": {"precision": "fp32", "compile": True},
             "clipserve bf16": {"precision": "bf16"},
             "clipserve int8": {"precision": "int8"},
+            # torch.compile around oneDNN's int8 GEMMs: the per-row quantisation fused into LayerNorm / GELU
+            "clipserve int8 compile": {"precision": "int8", "compile": True},
             # the same int8 GEMMs with one activation scale per batch (torch.ao's dynamic quantisation, the
             # fallback; ONNX Runtime's scheme): what per-row quantisation costs or gains
             "clipserve int8 per-batch": {"precision": "int8"},
@@ -270,8 +294,6 @@ class Bench:
 
     def bench_model(self, name: str) -> None:
         print(f"\n== {name}", flush=True)
-        if name != XLMR and any(w.startswith(("image", "e2e")) for w in self.args.workloads):
-            self.floors[name] = gemm_floors(name)
         reference, directory = self.open_clip_checkpoint(name)
         paths = self.clipserve_paths(directory)
         tokenizer = next(iter(paths.values())).tokenize if paths else clipserve.load(str(directory)).tokenize
@@ -304,6 +326,10 @@ class Bench:
                     ref = reference.encode_image(pixels[:distinct_images]).float()
                 distinct = min(n, distinct_images)
                 if workload.startswith("image"):
+                    if n == 32:  # the GEMMs alone, timed in the same rounds as the paths
+                        for kernel, fn in gemm_floors(name, n).items():
+                            self.run(name, workload, f"floor: {kernel}", fn, pixels, None, peer=False,
+                                     distinct=distinct)  # fmt: skip
                     for path, m in paths.items():
                         self.run(name, workload, path, lambda x, m=m: m.encode_pixels(x), pixels, ref, peer=False,
                                  distinct=distinct)  # fmt: skip
@@ -311,6 +337,7 @@ class Bench:
                         self.run(name, workload, path, fn, pixels, ref, peer=True, distinct=distinct)
                 else:
                     self.bench_e2e(name, workload, paths, peers, pre, jpegs, ref, distinct)
+            self.flush()
         del peers, paths, reference
 
     def bench_e2e(self, name, workload, paths, peers, pre, jpegs, ref, distinct) -> None:
@@ -318,6 +345,17 @@ class Bench:
         inline) and overlapped (`ThreadPlan`: decode workers + the remaining cores infer)."""
         cores = ThreadPlan.for_cores()
         torch_threads = torch.get_num_threads()
+
+        def overlapped(fn: Callable[[list], torch.Tensor]) -> Callable[[list], torch.Tensor]:
+            def run(x: list) -> torch.Tensor:
+                cores.apply()
+                try:
+                    return fn(x)
+                finally:
+                    torch.set_num_threads(torch_threads)
+
+            return run
+
         for path, m in paths.items():
             for fast in (False, True):
                 label = f"{path} {'fast' if fast else 'exact'}-decode"
@@ -326,14 +364,10 @@ class Bench:
                          jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
                 if "onnx" in path:
                     continue  # ORT sessions keep the thread count they were made with: no overlap variant
-                cores.apply()
-                try:
-                    self.run(name, workload, label + " overlap",
-                             lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast,
-                                                                      decode_workers=cores.decode_workers),
-                             jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
-                finally:
-                    torch.set_num_threads(torch_threads)
+                self.run(name, workload, label + " overlap",
+                         overlapped(lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast,
+                                                                             decode_workers=cores.decode_workers)),
+                         jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
 
         def with_open_clip_preprocess(fn):
             return lambda x: fn(torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in x]))
@@ -424,7 +458,7 @@ class Bench:
         print("\n== ratio to the best peer (same model and workload)")
         for row in self.rows:
             peer_best = best.get((row.model, row.workload))
-            if row.items_per_s and peer_best and not row.peer:
+            if row.items_per_s and peer_best and not row.peer and not row.path.startswith("floor"):
                 row.ratio_to_best_peer = round(row.items_per_s / peer_best, 2)
                 print(f"{row.model:26s} {row.workload:8s} {row.path:44s} {row.ratio_to_best_peer:5.2f}x")
         out_dir = ROOT / "bench" / "results"
@@ -445,7 +479,6 @@ class Bench:
                         "loadavg_end": load_end,
                     },
                     "rows": [asdict(r) for r in self.rows],
-                    "gemm_floors_images_per_s": self.floors,
                 },
                 indent=1,
             )  # fmt: skip
@@ -454,24 +487,13 @@ class Bench:
         return out
 
 
-def vit_linear_shapes(name: str) -> tuple[int, list[tuple[int, int]], float]:
-    """(tokens per image, the (in, out) shape of every Linear in one block, GFLOP per image) of a ViT tower."""
-    vision = open_clip().get_model_config(name)["vision_cfg"]
-    width, layers = vision["width"], vision["layers"]
-    hidden = int(width * vision.get("mlp_ratio", 4.0))
-    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
-    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
-    linear = 2 * tokens * sum(k * n for k, n in shapes) * layers
-    attention = 2 * 2 * tokens * tokens * width * layers
-    patches = 2 * tokens * 3 * vision["patch_size"] ** 2 * width
-    return tokens, shapes, (linear + attention + patches) / 1e9
-
-
-def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, float]:
-    """Images/s a ViT tower could reach if every FLOP ran at the GEMM rate measured here for its block's
-    Linear shapes (rows = batch x tokens): fp32 through MKL (`addmm`) and oneDNN packed weights; int8 as
-    `precision="int8"` runs it (quantising each row, then the GEMM), the same with one scale per batch (torch.ao's
-    dynamic Linear), and oneDNN's int8 GEMM alone on inputs quantised beforehand. What bounds each path here."""
+def gemm_floors(name: str, batch: int = 32) -> dict[str, Callable[[list], None]]:
+    """Per kernel, a function that runs every Linear GEMM of one batch of a ViT tower (each block's shapes,
+    rows = batch x tokens, once per block) and nothing else: timed like a path, it gives the images/s the tower
+    could reach if all its other work were free (attention products and patch embedding are ~5% of its
+    FLOPs). Kernels: fp32 through MKL (`addmm`) and oneDNN packed weights; int8 as `precision="int8"` runs it
+    (quantising each row, then the GEMM), the same with one scale per batch (torch.ao's dynamic Linear), and
+    oneDNN's int8 GEMM alone on inputs quantised beforehand. What bounds each path here."""
     from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
     from clipserve.engine.quantize import (
         Int8Linear,
@@ -482,19 +504,15 @@ def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, f
     )
 
     torch.backends.quantized.engine = quantized_engine()
-    tokens, shapes, gflop = vit_linear_shapes(name)
-    rows = batch * tokens
+    vision = open_clip().get_model_config(name)["vision_cfg"]
+    width, layers = vision["width"], vision["layers"]
+    hidden = int(width * vision.get("mlp_ratio", 4.0))
+    rows = batch * ((vision["image_size"] // vision["patch_size"]) ** 2 + 1)
+    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
 
     def int8_gemm_only(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        linear, q = Int8Linear(w, b), None
-
-        def gemm(x: torch.Tensor) -> torch.Tensor:
-            nonlocal q
-            if q is None:  # quantised once: this floor times the GEMM alone
-                q = quantize_rows(x)[0]
-            return linear.gemm(q)
-
-        return gemm
+        linear = Int8Linear(w, b)
+        return lambda q: linear.gemm(q)
 
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
         "fp32 addmm (MKL)": lambda w, b: lambda x: torch.addmm(b, x, w.t()),
@@ -505,24 +523,21 @@ def gemm_floors(name: str, batch: int = 32, seconds: float = 2.0) -> dict[str, f
     if int8_rows_available():
         kernels["int8 per-row Linear"] = Int8Linear
         kernels["int8 oneDNN GEMM alone"] = int8_gemm_only
-    floors = {}
-    with torch.inference_mode():
-        for kernel, make in kernels.items():
-            flop = elapsed = 0.0
-            for k, n in shapes:
-                fn, x = make(torch.randn(n, k), torch.randn(n)), torch.randn(rows, k)
-                fn(x)
-                count, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds / len(shapes):
-                    fn(x)
-                    count += 1
-                elapsed += time.perf_counter() - start
-                flop += 2 * rows * k * n * count
-            rate = flop / elapsed / 1e9
-            floors[kernel] = round(rate / gflop, 2)
-            print(f"{name:26s} floor    {kernel:34s} {rate:7.1f} GFLOP/s -> {rate / gflop:6.2f} images/s "
-                  f"({gflop:.2f} GFLOP per image)", flush=True)  # fmt: skip
-    return floors
+
+    def floor(make: Callable, quantised: bool) -> Callable[[list], None]:
+        gemms = []
+        for k, n in shapes:
+            x = torch.randn(rows, k)
+            gemms.append((make(torch.randn(n, k), torch.randn(n)), quantize_rows(x)[0] if quantised else x))
+
+        def run(_: list) -> None:
+            for _ in range(layers):
+                for gemm, x in gemms:
+                    gemm(x)
+
+        return run
+
+    return {kernel: floor(make, kernel == "int8 oneDNN GEMM alone") for kernel, make in kernels.items()}
 
 
 def hf_text_inputs(ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -555,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "--paths", default="", help="only paths whose name contains one of these (comma-separated)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per cell after one warm-up (median)"
+        "--repeats", type=int, default=3, help="timed rounds per workload after one warm-up (median per cell)"
     )
     parser.add_argument(
         "--budget", type=float, default=20.0, help="skip cells predicted slower than this (s/run)"

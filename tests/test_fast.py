@@ -191,7 +191,6 @@ def test_auto_precision_on_cpu_follows_int8_dot_product_support(
     monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
     assert clipserve.load(str(tiny_checkpoint)).info.precision == expected
     assert clipserve.load(str(tiny_checkpoint), precision="fp32").info.precision == "fp32"
-    assert loading.resolve_precision("auto", "cpu", compile=True) == "fp32"  # compile runs float weights only
 
 
 def test_auto_precision_on_gpu_is_bf16_where_supported(monkeypatch) -> None:
@@ -202,17 +201,29 @@ def test_auto_precision_on_gpu_is_bf16_where_supported(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpoint: Path) -> None:
-    eager = clipserve.load(str(tiny_checkpoint), precision="fp32")
-    compiled = clipserve.load(str(tiny_checkpoint), precision="fp32", compile=True)
-    assert type(compiled.module.visual).__name__ == "OptimizedModule"
-    for batch in (2, 5):
-        pixels = torch.randn(batch, 3, 32, 32)
-        torch.testing.assert_close(compiled.encode_pixels(pixels), eager.encode_pixels(pixels), atol=1e-5, rtol=1e-5)
-    for prompts in (PROMPTS, ["a", "b c"]):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpoint: Path, precision: str) -> None:
+    eager = clipserve.load(str(tiny_checkpoint), precision=precision)
+    compiled = clipserve.load(str(tiny_checkpoint), precision=precision, compile=True)
+    assert type(compiled.module.visual).__name__ == "BatchDynamicTower"
+    assert hasattr(compiled.module.text.encode_trimmed, "_torchdynamo_orig_callable")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    pixels = torch.randn(5, 3, 32, 32)
+    for batch in (2, 5, 1):
+        torch.testing.assert_close(
+            compiled.encode_pixels(pixels[:batch]), eager.encode_pixels(pixels[:batch]), atol=1e-5, rtol=1e-5
+        )
+    for prompts in (PROMPTS, ["a", "b c"], ["a b c d e f"]):
         torch.testing.assert_close(compiled.encode_text(prompts), eager.encode_text(prompts), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # all compiled by `load`
     with pytest.raises(ValueError, match="compile=True needs backend='torch'"):
         clipserve.load(str(tiny_checkpoint), backend="onnx", compile=True)
+
+
+def test_compiled_int8_needs_onednn_int8_linear(tiny_checkpoint: Path, monkeypatch) -> None:
+    monkeypatch.setattr("clipserve.engine.loading.int8_rows_available", lambda: False)
+    with pytest.raises(ValueError, match="needs oneDNN's int8 Linear"):
+        clipserve.load(str(tiny_checkpoint), precision="int8", compile=True)
 
 
 def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes]) -> None:

@@ -19,7 +19,7 @@ from clipserve.config import (
 )
 from clipserve.engine.linears import pack_fp32_linears
 from clipserve.engine.model import PRECISIONS, Model
-from clipserve.engine.quantize import INT8, quantize_int8
+from clipserve.engine.quantize import INT8, int8_rows_available, quantize_int8
 from clipserve.io import checkpoints, hub
 from clipserve.io.checkpoints import CheckpointError, StateDict
 from clipserve.io.tokenizers import CLIPTokenizer, Tokenizer, XLMRobertaTokenizer
@@ -222,10 +222,10 @@ def _build_runtime(
     dtype = torch.float32 if precision == INT8 else PRECISIONS[precision]  # int8 quantises fp32 weights
     module = build_module(resolved.model_cfg, resolved.state, resolved.source, dtype).to(device)
     if precision == INT8:
-        return quantize_int8(module)
-    if compile:  # inductor packs weights itself and cannot lower oneDNN's packed Linear with dynamic shapes
-        return compile_towers(module)
-    return pack_fp32_linears(module) if precision == "fp32" else module
+        module = quantize_int8(module)
+    elif precision == "fp32" and not compile:  # inductor packs fp32 weights itself (it cannot lower oneDNN's)
+        module = pack_fp32_linears(module)
+    return compile_towers(module) if compile else module
 
 
 # CPU flags of an int8 dot-product instruction. With one, int8 GEMM runs 3-4.5x fp32 and int8 is the default
@@ -244,28 +244,55 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def resolve_precision(precision: str, device: str, compile: bool = False) -> str:
-    """precision="auto": the fastest path measured to keep cosine >= 0.995 to fp32 on this kind of device
-    (float only with `compile`, which int8's quantised Linear layers do not support)."""
+def resolve_precision(precision: str, device: str) -> str:
+    """precision="auto": the fastest path measured to keep cosine >= 0.995 to fp32 on this kind of device."""
     if precision != AUTO:
         return precision
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return INT8 if cpu_flags() & INT8_DOT_FLAGS and not compile else "fp32"
+    return INT8 if cpu_flags() & INT8_DOT_FLAGS else "fp32"
+
+
+class BatchDynamicTower(torch.nn.Module):
+    """A compiled tower whose input varies only in its batch dimension (images at the model's resolution).
+
+    `dynamic=True` would make every input dimension symbolic, and inductor then tiles the kernels around a
+    symbolic sequence length: ViT-B/32 int8, batch 32, on a 2-core AVX-512 VNNI Xeon ran 38 images/s so
+    against 44 with the batch alone marked dynamic (the same as fully static shapes). Batch 1 still compiles
+    its own graph (torch specialises sizes 0 and 1). Other attributes resolve on the eager tower.
+    """
+
+    def __init__(self, tower: torch.nn.Module, mode: str | None) -> None:
+        super().__init__()
+        self.compiled = torch.compile(tower, dynamic=None, mode=mode)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and not pixels.is_inference():
+            # Callers' tensors and tensors made in inference mode fail each other's guards: one kind, one set
+            # of graphs (torch caps the graphs per code object, which every model in the process shares).
+            pixels = pixels.clone()
+        torch._dynamo.maybe_mark_dynamic(pixels, 0)
+        return self.compiled(pixels)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled, name)
 
 
 def compile_towers(module: CLIP) -> CLIP:
-    """`torch.compile` both towers in place, shapes dynamic (batch size, text length).
+    """`torch.compile` both towers in place: images with a dynamic batch, texts with dynamic batch and length.
 
     On a GPU with CUDA graphs ("reduce-overhead": a graph per batch shape, which removes the kernel launch
-    cost that bounds small batches); on CPU in inductor's default mode. Off by default on CPU: measured with
-    bench/encode.py, it lost to the eager oneDNN path at batch 1 (ViT-B/32: 8.6 against 11.4 images/s on an
-    AVX2 EPYC, 6.3 against 10.9 on an AVX-512 Xeon) and won only large batches on the Xeon (ViT-B/16 batch
-    32: 5.7 against 4.4). The first batch of each new shape compiles.
+    cost that bounds small batches); on CPU in inductor's default mode, which fuses the elementwise work
+    between GEMMs (int8: the per-row quantisation into the LayerNorm or GELU before it). Off by default, as it
+    compiles for a minute or more at load (`Model.warm_up`). See the README for what it gains.
     """
     mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
-    module.visual = torch.compile(module.visual, dynamic=True, mode=mode)
-    module.text = torch.compile(module.text, dynamic=True, mode=mode)
+    module.visual = BatchDynamicTower(module.visual, mode)
+    # The text towers trim each batch to its longest row first, reading a value: that stays eager.
+    module.text.encode_trimmed = torch.compile(module.text.encode_trimmed, dynamic=True, mode=mode)
     return module
 
 
@@ -284,24 +311,28 @@ def load(
     `source`: a pretrained name (`ViT-B-32/datacomp_xl_s13b_b90k`), `hf-hub:ORG/REPO`, a local directory in
     open_clip or Hugging Face layout, or an architecture name together with `checkpoint=PATH`.
     `precision`: fp32 (exact; on CPU through oneDNN packed weights), bf16 or fp16 (weights cast once;
-    LayerNorm statistics stay in fp32), int8 (dynamic int8 Linear layers, CPU only), or auto (default):
+    LayerNorm statistics stay in fp32), int8 (int8 GEMMs, activations quantised per row; CPU only), or auto:
     bf16 on a GPU (fp16 where it has no bf16), int8 on CPUs with int8 dot-product instructions (VNNI, AMX),
     fp32 on other CPUs. `model.info.precision` says which was chosen.
     `backend`: torch, or onnx (ONNX Runtime on a cached export, CPU, fp32 or int8; needs `clipserve[onnx]`).
-    `compile`: `torch.compile` the towers (CUDA graphs on a GPU; see `compile_towers`), torch backend only.
+    `compile`: `torch.compile` the towers (CUDA graphs on a GPU; see `compile_towers`), torch backend only;
+    they compile here, before `load` returns (a minute or two for a ViT-B on a 2-core CPU, less from the
+    on-disk cache of an earlier run).
     """
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISION_CHOICES)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     device = resolve_device(device)
-    precision = resolve_precision(precision, device, compile)
-    if compile and (backend != "torch" or precision == INT8):
-        raise ValueError(f"compile=True needs backend='torch' and a float precision, not {backend!r}/{precision}")
+    precision = resolve_precision(precision, device)
+    if compile and backend != "torch":
+        raise ValueError(f"compile=True needs backend='torch', not {backend!r}")
+    if compile and precision == INT8 and not int8_rows_available():
+        raise ValueError("compile=True with precision='int8' needs oneDNN's int8 Linear, which this torch lacks")
     resolved = resolve(str(source), checkpoint)
     parameters = sum(t.numel() for t in resolved.state.values())
     module = _build_runtime(resolved, device, precision, backend, compile)
-    return Model(
+    model = Model(
         module,
         build_tokenizer(resolved),
         resolved.preprocess_cfg,
@@ -314,3 +345,6 @@ def load(
         parameters=parameters,
         backend=backend,
     )
+    if compile:
+        model.warm_up()
+    return model

@@ -45,17 +45,21 @@ def format_prompt(template: str, label: str) -> str:
     return template.replace("{c}", label) if "{c}" in template else template.format(label)
 
 
+# (labels, templates): what a zero-shot classifier is computed from
+ClassifierKey = tuple[tuple[str, ...], tuple[str, ...]]
+
+
 class LabelCache:
     """A bounded, thread-safe LRU of zero-shot classifiers keyed by (labels, templates)."""
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[ClassifierKey, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[tuple[str, ...], tuple[str, ...]]) -> torch.Tensor | None:
+    def get(self, key: ClassifierKey) -> torch.Tensor | None:
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -65,7 +69,7 @@ class LabelCache:
             self.hits += 1
             return value
 
-    def put(self, key: tuple[tuple[str, ...], tuple[str, ...]], value: torch.Tensor) -> None:
+    def put(self, key: ClassifierKey, value: torch.Tensor) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -220,21 +224,39 @@ class Model:
             return torch.empty(0, self.embed_dim)
         return self.encode_tokens(self.tokenize(list(texts)), normalize)
 
+    def warm_up(self) -> None:
+        """Run both towers once on each kind of input shape: with `compile=True`, this is when they compile
+        (batch 1 and larger batches are separate graphs), so that no request waits for it."""
+        size = self.config.image_size
+        for batch in (1, 2):
+            self.encode_pixels(torch.zeros(batch, 3, size, size))
+            self.encode_text(["a photo of a dog.", "a cat"][:batch])
+
     # -- zero-shot -------------------------------------------------------------------------------------
 
     def text_classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Zero-shot class embeddings [len(labels), D]: per label, normalise each prompt's embedding,
         average over templates, renormalise (open_clip / CLIP_benchmark). Cached per (labels, templates)."""
+        key, prompts = self.classifier_prompts(labels, templates)
+        cached = self.label_cache.get(key)
+        if cached is None:
+            cached = self.cache_classifier(key, self.encode_text(prompts, normalize=True))
+        return cached
+
+    def classifier_prompts(
+        self, labels: Sequence[str], templates: Sequence[str] | None = None
+    ) -> tuple[ClassifierKey, list[str]]:
+        """The cache key of a label set and its prompts, label-major (`len(labels) * len(templates)`)."""
         labels = tuple(labels)
         templates = tuple(templates) if templates else DEFAULT_TEMPLATES
         if not labels:
             raise ValueError("at least one label is needed")
-        key = (labels, templates)
-        cached = self.label_cache.get(key)
-        if cached is not None:
-            return cached
-        prompts = [format_prompt(t, label) for label in labels for t in templates]  # label-major
-        embeddings = self.encode_text(prompts, normalize=True).view(len(labels), len(templates), -1)
+        return (labels, templates), [format_prompt(t, label) for label in labels for t in templates]
+
+    def cache_classifier(self, key: ClassifierKey, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Class embeddings from the L2-normalised embeddings of `classifier_prompts(...)`, cached under `key`."""
+        labels, templates = key
+        embeddings = prompt_embeddings.view(len(labels), len(templates), -1)
         classifier = F.normalize(embeddings.mean(dim=1), dim=-1)
         self.label_cache.put(key, classifier)
         return classifier
