@@ -256,10 +256,10 @@ def resolve_precision(precision: str, device: str) -> str:
 class BatchDynamicTower(torch.nn.Module):
     """A compiled tower whose input varies only in its batch dimension (images at the model's resolution).
 
-    `dynamic=True` would make every input dimension symbolic, and inductor then tiles the kernels around a
-    symbolic sequence length: ViT-B/32 int8, batch 32, on a 2-core AVX-512 VNNI Xeon ran 38 images/s so
-    against 44 with the batch alone marked dynamic (the same as fully static shapes). Batch 1 still compiles
-    its own graph (torch specialises sizes 0 and 1). Other attributes resolve on the eager tower.
+    `dynamic=True` would make every input dimension symbolic, the image size too, so that inductor tiles the
+    kernels around a symbolic sequence length; in a side-by-side timing (not a bench row) that ran slower
+    than marking the batch alone, which ran as fast as fully static shapes. Batch 1 still compiles its own
+    graph (torch specialises sizes 0 and 1). Other attributes resolve on the eager tower.
     """
 
     def __init__(self, tower: torch.nn.Module, mode: str | None) -> None:

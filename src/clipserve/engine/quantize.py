@@ -15,10 +15,9 @@ photos): centred cosine to fp32 0.9993 against 0.9974 per batch, for 25.9 agains
 `linears.swap_linears` covers CLIP's packed q/k/v projection too (a third of each block's GEMM work).
 Where this torch build lacks oneDNN's int8 Linear, `torch.ao`'s dynamic (per-batch) quantisation is used.
 
-Eager, the quantisation costs a few passes over each activation (a quarter of the time in a ViT-B/32 profile).
-With `compile=True` the GEMM is the custom op `clipserve::int8_gemm`, opaque to inductor, which fuses the
-passes around it: the row max and rounding into the LayerNorm or GELU before, the row scale and bias into
-the residual add after.
+Eager, the quantisation costs several passes over each activation. With `compile=True` the GEMM is the
+custom op `clipserve::int8_gemm`, opaque to inductor, which fuses the passes around it: the row max and
+rounding into the LayerNorm or GELU before, the row scale and bias into the residual add after.
 """
 
 from __future__ import annotations
