@@ -9,7 +9,8 @@ items/s (median of `--repeats` timed runs after one warm-up; the runs of one wor
 by round, so that the machine's drift reaches them alike), the process's RSS and peak RSS, the cosine to fp32
 open_clip (min over the distinct inputs) and the same cosine with the batch mean removed (random weights make
 all embeddings nearly parallel), and the ratio to the best peer. At image batch 32 it also times "floor" rows,
-in the same rounds: one batch's Linear GEMMs alone per kernel (`gemm_floors`), what bounds each path. Paths
+in the same rounds: one batch's Linear GEMMs alone per kernel (`gemm_floors`), what bounds each path; end to
+end, "decode only" rows time the decoding and preprocessing alone, on one thread. Paths
 whose one-item warm-up predicts more than `--budget` seconds per timed run are skipped and say so (bf16 on
 CPUs without AVX-512 BF16, for one).
 Results go to bench/results/encode-<host>-<time>.json together with the machine load, which matters: numbers
@@ -49,6 +50,9 @@ from oracles import open_clip, transformers  # noqa: E402
 import clipserve  # noqa: E402
 from clipserve.engine import linears, quantize  # noqa: E402
 from clipserve.engine.fast import ThreadPlan  # noqa: E402
+from clipserve.engine.loading import resolve  # noqa: E402
+from clipserve.engine.pipeline import DecodePool  # noqa: E402
+from clipserve.io.images import Preprocessor  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16", "xlm-roberta-base-ViT-B-32")
 WORKLOADS = ("image1", "image32", "e2e32", "text1", "text256")
@@ -69,6 +73,7 @@ class Row:
     workload: str
     path: str
     peer: bool
+    part: bool = False  # one part of the work ("floor: ...", "decode only: ..."), left out of the ratios
     items_per_s: float | None = None
     runs_s: list[float] = field(default_factory=list)
     rss_mib: float = 0.0
@@ -163,7 +168,7 @@ class Bench:
         """Warm `fn` up once (and take its cosines); its timed runs wait for `flush`."""
         if self.args.paths and not any(p in path for p in self.args.paths):
             return
-        row = Row(model, workload, path, peer)
+        row = Row(model, workload, path, peer, part=reference is None)
         # e2e rows ("<path> exact-decode seq") borrow the model-only batch-1 timing of their path
         key = (model, path.split(" exact-decode")[0].split(" fast-decode")[0], workload.startswith("text"))
         estimate = self.per_item.get(key, 0.0) * len(inputs)
@@ -336,11 +341,11 @@ class Bench:
                     for path, fn in peers["image"].items():
                         self.run(name, workload, path, fn, pixels, ref, peer=True, distinct=distinct)
                 else:
-                    self.bench_e2e(name, workload, paths, peers, pre, jpegs, ref, distinct)
+                    self.bench_e2e(name, workload, directory, paths, peers, pre, jpegs, ref, distinct)
             self.flush()
         del peers, paths, reference
 
-    def bench_e2e(self, name, workload, paths, peers, pre, jpegs, ref, distinct) -> None:
+    def bench_e2e(self, name, workload, directory, paths, peers, pre, jpegs, ref, distinct) -> None:
         """From JPEG bytes: decode + preprocess + model. clipserve runs sequential (all cores infer, decode
         inline) and overlapped (`ThreadPlan`: decode workers + the remaining cores infer)."""
         cores = ThreadPlan.for_cores()
@@ -369,13 +374,21 @@ class Bench:
                                                                              decode_workers=cores.decode_workers)),
                          jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
 
-        def with_open_clip_preprocess(fn):
-            return lambda x: fn(torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in x]))
+        def open_clip_pixels(x: list[bytes]) -> torch.Tensor:
+            return torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in x])
 
         for path, fn in peers["image"].items():
             self.run(
-                name, workload, path, with_open_clip_preprocess(fn), jpegs, ref, peer=True, distinct=distinct
+                name, workload, path, lambda x, fn=fn: fn(open_clip_pixels(x)), jpegs, ref, peer=True,
+                distinct=distinct,
             )
+        # what decoding alone costs per image, on one thread (2 cores: the model's threads do not overlap it)
+        preprocessor = Preprocessor(resolve(str(directory)).preprocess_cfg)
+        for fast in (False, True):
+            self.run(name, workload, f"decode only: clipserve {'fast' if fast else 'exact'}",
+                     lambda x, fast=fast: DecodePool(preprocessor, 0, fast_decode=fast).decode(x), jpegs, None,
+                     peer=False, distinct=distinct)  # fmt: skip
+        self.run(name, workload, "decode only: open_clip", open_clip_pixels, jpegs, None, peer=True, distinct=distinct)
 
     # -- peers ---------------------------------------------------------------------------------------------
 
@@ -452,13 +465,13 @@ class Bench:
     def finish(self) -> Path:
         best: dict[tuple[str, str], float] = {}
         for row in self.rows:
-            if row.peer and row.items_per_s:
+            if row.peer and row.items_per_s and not row.part:
                 key = (row.model, row.workload)
                 best[key] = max(best.get(key, 0.0), row.items_per_s)
         print("\n== ratio to the best peer (same model and workload)")
         for row in self.rows:
             peer_best = best.get((row.model, row.workload))
-            if row.items_per_s and peer_best and not row.peer and not row.path.startswith("floor"):
+            if row.items_per_s and peer_best and not row.peer and not row.part:
                 row.ratio_to_best_peer = round(row.items_per_s / peer_best, 2)
                 print(f"{row.model:26s} {row.workload:8s} {row.path:44s} {row.ratio_to_best_peer:5.2f}x")
         out_dir = ROOT / "bench" / "results"

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -187,6 +188,28 @@ def test_batched_model_matches_model_and_names_bad_items(tiny_model) -> None:
         assert batched.healthy
         batched.stop()
         assert not batched.healthy
+
+
+def test_fast_decode_setting_decodes_like_the_model(tiny_model) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    images = [buffer.getvalue(), png((0, 0, 255))]
+
+    async def embed(batched: BatchedModel) -> torch.Tensor:
+        pixels = await batched.prepare_images(images)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (2, 32, 32, 3)  # normalised in the batch
+        return await batched.encode_images(pixels)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = {}
+        for fast in (False, True):
+            batched = BatchedModel("tiny", tiny_model, pool, BatchSettings(max_batch_size=4, fast_decode=fast))
+            batched.start()
+            runs[fast] = asyncio.run(embed(batched))
+            batched.stop()
+            expected = tiny_model.encode_image(images, normalize=True, fast_decode=fast)
+            torch.testing.assert_close(runs[fast], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(runs[True], runs[False], atol=1e-5, rtol=0)  # the setting took effect
 
 
 def test_admission_is_bounded(tiny_model) -> None:

@@ -231,6 +231,56 @@ def test_fast_decode_keeps_cosine(vit_b32_checkpoint: Path, vit_b32_reference, p
     fast = model.encode_image(photos, fast_decode=True)
     assert cosine(fast, vit_b32_reference[0]).min() >= 0.995
     assert centred_cosine(fast, vit_b32_reference[0]).min() >= 0.9
+    labels = ["a cat", "a rocket"]
+    exact_probs = model.classify(model.preprocessor.batch(photos), labels)
+    torch.testing.assert_close(model.classify(photos, labels, fast_decode=True), exact_probs, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "interpolation", "resize_mode"),
+    [((1024, 683), "bicubic", "shortest"), ((300, 700), "bilinear", "shortest"), ((640, 480), "bicubic", "squash")],
+)
+def test_torch_resize_is_within_one_level_of_pillow(
+    photos: list[bytes], size: tuple[int, int], interpolation: str, resize_mode: str
+) -> None:
+    from clipserve.config import PreprocessConfig
+    from clipserve.io.images import Preprocessor
+
+    pre = Preprocessor(PreprocessConfig(size=224, interpolation=interpolation, resize_mode=resize_mode))
+    for jpeg in photos[:3]:
+        image = Image.open(io.BytesIO(jpeg)).resize(size)
+        exact = torch.from_numpy(pre.to_uint8(image)).int()
+        fast = pre.resize_crop(pre.rgb_tensor(image))
+        assert fast.shape == (224, 224, 3) and fast.dtype == torch.uint8
+        difference = (fast.int() - exact).abs()
+        assert difference.max() <= 1 and difference.float().mean() < 0.2
+
+
+def test_resize_on_an_accelerator_is_the_float_resize_rounded(photos: list[bytes], monkeypatch) -> None:
+    """CUDA has no uint8 antialiased resize: the device path resizes floats. Exercised here on the CPU.
+
+    Pillow rounds and clips between its horizontal and vertical passes, floats do not: a few levels apart where
+    bicubic overshoots (edges), more on noise."""
+    from clipserve.config import PreprocessConfig
+    from clipserve.io.images import Preprocessor
+
+    pre = Preprocessor(PreprocessConfig(size=224))
+    images = [Image.open(io.BytesIO(jpeg)) for jpeg in photos[:3]]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 60, 3), dtype=np.uint8))  # upsampled
+    monkeypatch.setattr("clipserve.io.images._resizes_uint8", lambda device: False)
+    for image, max_levels, mean_levels in [*((i, 4, 0.2) for i in images), (noise, 255, 0.5)]:
+        resized = pre.resize_crop(pre.rgb_tensor(image))
+        assert resized.dtype == torch.uint8 and resized.shape == (224, 224, 3)
+        difference = (resized.int() - torch.from_numpy(pre.to_uint8(image)).int()).abs()
+        assert difference.max() <= max_levels and difference.float().mean() < mean_levels
+    with DecodePool(pre, workers=2, fast_decode=True) as on_workers:
+        with DecodePool(pre, workers=2, fast_decode=True, resize_device=torch.device("cpu")) as on_device:
+            assert [b.shape[0] for b in on_device.batches(photos, 4)] == [4, 2]
+            assert torch.equal(on_device.decode(photos), on_workers.decode(photos))
+    with pytest.raises(ValueError, match="needs fast_decode=True"):
+        DecodePool(pre, resize_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected uint8"):
+        pre.resize_crop(torch.zeros(10, 10, 3))
 
 
 # -- ONNX backend ---------------------------------------------------------------------------------------

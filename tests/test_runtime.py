@@ -341,6 +341,10 @@ def test_cli_commands(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert embeddings.shape == (2, 64) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
     lines = run_cli("embed", str(tiny_checkpoint), "--image", str(image)).stdout.splitlines()
     assert len(json.loads(lines[0])["embedding"]) == 64
+    fast = run_cli("embed", str(tiny_checkpoint), "--image", str(image), "--fast-decode").stdout.splitlines()
+    model = clipserve.load(str(tiny_checkpoint))
+    expected = model.encode_image([str(image)], normalize=True, fast_decode=True)[0]
+    assert np.allclose(json.loads(fast[0])["embedding"], expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize(

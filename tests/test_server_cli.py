@@ -29,11 +29,12 @@ def test_flags_become_settings(tmp_path: Path) -> None:
         "--model", "/models/a=alpha", "--model", "ViT-B-16/laion2b_s34b_b88k", "--port", "9000",
         "--api-key", "k" * 20, "--state-dir", str(tmp_path), "--max-batch-size", "8", "--max-wait-ms", "3",
         "--allow-url-fetch", "--url-allow-host", "images.example.com", "--url-allow-host", "*.cdn.example.org",
-        "--max-image-mb", "2", "--max-items", "10", "--rate-limit", "60", "--precision", "bf16",
+        "--max-image-mb", "2", "--max-items", "10", "--rate-limit", "60", "--precision", "bf16", "--fast-decode",
     )
     assert [(m.source, m.alias) for m in settings.models] == [("/models/a", "alpha"), ("ViT-B-16/laion2b_s34b_b88k", None)]
     assert settings.host == "127.0.0.1" and settings.port == 9000
     assert settings.batching.max_batch_size == 8 and settings.batching.max_wait_ms == 3
+    assert settings.batching.fast_decode and not parse().batching.fast_decode
     assert settings.fetch.enabled and settings.fetch.allowed_hosts == ("images.example.com", "*.cdn.example.org")
     assert settings.fetch.max_bytes == settings.limits.max_image_bytes == 2 * 2**20
     assert settings.limits.max_items == 10 and settings.auth.default_limits.rate_limit_rpm == 60

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from clipserve.cli.common import add_model_arguments, load_model
+from clipserve.cli.common import FAST_DECODE_HELP, add_model_arguments, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--image", nargs="+", metavar="PATH", help="image files")
     group.add_argument("--text", nargs="+", metavar="TEXT", help="texts")
     p.add_argument("--no-normalize", action="store_true", help="raw (not L2-normalised) embeddings")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--output", "-o", metavar="FILE", help="write a float32 [N, D] array (.npy) instead of JSON lines")
     p.set_defaults(func=run_embed)
 
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prompt template with {} for the label (repeatable; default 'a photo of a {}.')",
     )
     p.add_argument("--top-k", type=int, default=5, help="labels to show per image (default 5)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_classify)
 
@@ -78,7 +80,7 @@ def run_embed(args: argparse.Namespace) -> int:
         for path in inputs:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"no such image file: {path}")
-        embeddings = model.encode_image(inputs, normalize=normalize)
+        embeddings = model.encode_image(inputs, normalize=normalize, fast_decode=args.fast_decode)
     else:
         inputs = args.text
         embeddings = model.encode_text(inputs, normalize=normalize)
@@ -103,7 +105,7 @@ def run_classify(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such image file: {path}")
     model = load_model(args)
-    probs = model.classify(args.images, labels, args.templates)
+    probs = model.classify(args.images, labels, args.templates, fast_decode=args.fast_decode)
     results = []
     for path, row in zip(args.images, probs, strict=True):
         order = row.argsort(descending=True)[: args.top_k].tolist()

@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipserve.cli.common import BACKEND_CHOICES, COMPILE_HELP, PRECISION_CHOICES, PRECISION_HELP
+from clipserve.cli.common import (
+    BACKEND_CHOICES,
+    COMPILE_HELP,
+    FAST_DECODE_HELP,
+    PRECISION_CHOICES,
+    PRECISION_HELP,
+)
 from clipserve.cli.main import CLIError
 from clipserve.registry import DEFAULT_MODEL
 
@@ -67,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="items waiting per model before requests get 429 (default: 1024)")
     batching.add_argument("--preprocess-workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                           help="threads decoding and preprocessing images")
+    batching.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
 
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-body-mb", type=float, default=64.0)
@@ -117,7 +124,7 @@ def build_settings(args: argparse.Namespace) -> ServerSettings:
                 default_limits=KeyLimits(args.rate_limit, args.quota_images, args.quota_tokens),
             ),
             limits=limits,
-            batching=BatchSettings(args.max_batch_size, args.max_wait_ms, args.max_queue),
+            batching=BatchSettings(args.max_batch_size, args.max_wait_ms, args.max_queue, args.fast_decode),
             fetch=FetchPolicy(
                 enabled=args.allow_url_fetch,
                 allowed_hosts=tuple(args.url_allow_host),

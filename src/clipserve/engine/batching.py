@@ -33,7 +33,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from clipserve.engine.model import Model
-from clipserve.io.images import ImageError, ImageLimits, open_image
+from clipserve.io.images import ImageError, ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,13 @@ class _NoObserver:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Per model and modality: batch size, coalescing wait and queue bound (items)."""
+    """Per model and modality: batch size, coalescing wait and queue bound (items); how images decode."""
 
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 1024
+    # images decode at reduced size and resize with torch (`Preprocessor.decode(fast=True)`): not bit-exact
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -316,7 +318,7 @@ class BatchedModel:
     # -- inference (worker threads) --------------------------------------------------------------------
 
     def _encode_pixels(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.model.encode_pixels(torch.stack(rows), normalize=True))
+        return list(self.model.encode_uint8(torch.stack(rows), normalize=True))
 
     def _encode_tokens(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.model.encode_tokens(torch.stack(rows), normalize=True))
@@ -338,7 +340,7 @@ class BatchedModel:
 
     def _decode(self, data: bytes) -> torch.Tensor:
         try:
-            pixels = self.model.preprocessor(open_image(data, self.limits))
+            pixels = self.model.preprocessor.decode(data, self.limits, fast=self.settings.fast_decode)
         except ImageError:
             self._observer.image_decoded(self.name, False)
             raise
@@ -346,7 +348,10 @@ class BatchedModel:
         return pixels
 
     async def prepare_images(self, images: Sequence[bytes]) -> torch.Tensor:
-        """Decode and preprocess on the pool -> [N, 3, S, S]; the first bad image raises ItemError."""
+        """Decode, resize and crop on the pool -> uint8 [N, S, S, 3]; the first bad image raises ItemError.
+
+        uint8 until the batch runs (normalised on the model's device): a quarter of float32's memory per queued
+        image."""
         loop = asyncio.get_running_loop()
         with self._admission(len(images)):
             tasks = [loop.run_in_executor(self._pool, self._decode, data) for data in images]
@@ -357,7 +362,7 @@ class BatchedModel:
             if isinstance(result, BaseException):
                 raise result
         size = self.model.preprocess_cfg.size
-        return torch.stack(results) if results else torch.empty(0, 3, size, size)  # type: ignore[arg-type]
+        return torch.stack(results) if results else torch.empty(0, size, size, 3, dtype=torch.uint8)  # type: ignore[arg-type]
 
     async def prepare_texts(self, texts: Sequence[str]) -> PreparedTexts:
         """Tokenize on the pool."""
@@ -370,7 +375,7 @@ class BatchedModel:
             return await loop.run_in_executor(self._pool, tokenize)
 
     async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> L2-normalised [N, D] through the image batcher."""
+        """uint8 [N, S, S, 3] (`prepare_images`) -> L2-normalised [N, D] through the image batcher."""
         if len(pixels) == 0:
             return torch.empty(0, self.model.embed_dim)
         return torch.stack(await self.images.run(list(pixels)))

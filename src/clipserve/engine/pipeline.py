@@ -5,20 +5,27 @@
 resized, cropped RGB pixels straight into its row of one preallocated uint8 [N, S, S, 3] batch buffer; the
 model side turns that buffer into normalised floats in one pass (`fast.normalise_uint8`).
 
-`fast_decode=True` decodes JPEGs with `open_image(draft_size=S)` (DCT-domain downscale by 1/2..1/8 before
-the resize): 3-4x less decode work for a 1024x768 photo, not bit-exact (cosine to the exact path is
-reported by bench/encode.py and asserted in tests/test_fast.py).
+`fast_decode=True` trades exactness for speed in two steps, neither bit-exact (the cosine to the exact path
+is reported by bench/encode.py and asserted in tests/test_fast.py):
+* JPEGs decode with `open_image(draft_size=S)`: a DCT-domain downscale by 1/2..1/8 before the resize;
+* the resize is torch's antialiased one (`Preprocessor.resize_crop`) instead of Pillow's: on CPU its uint8
+  kernel, in the decode worker; with `resize_device` set (the model's GPU), on that device, so the CPU only
+  decodes and each image crosses to the device at its decoded size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from clipserve.io.images import ImageInput, ImageLimits, Preprocessor, open_image
+
+T = TypeVar("T")
 
 
 class DecodePool:
@@ -31,12 +38,16 @@ class DecodePool:
         *,
         fast_decode: bool = False,
         limits: ImageLimits | None = None,
+        resize_device: torch.device | None = None,
     ) -> None:
+        if resize_device is not None and not fast_decode:
+            raise ValueError("resize_device needs fast_decode=True: the exact resize is Pillow's, on the CPU")
         self.preprocessor = preprocessor
         self.size = preprocessor.size
         self.fast_decode = fast_decode
         self.limits = limits or ImageLimits()
         self.workers = workers
+        self.resize_device = resize_device
         self._executor = (
             ThreadPoolExecutor(workers, thread_name_prefix="clipserve-decode") if workers else None
         )
@@ -52,46 +63,73 @@ class DecodePool:
         self.close()
 
     def _decode_into(self, out: np.ndarray, source: ImageInput) -> None:
-        image = open_image(source, self.limits, draft_size=self.size if self.fast_decode else None)
-        out[...] = self.preprocessor.to_uint8(image)
+        out[...] = self.preprocessor.decode(source, self.limits, fast=self.fast_decode).numpy()
 
-    def _submit(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, list[Future[None]]]:
+    def _decode_rgb(self, source: ImageInput) -> torch.Tensor:
+        return self.preprocessor.rgb_tensor(open_image(source, self.limits, draft_size=self.size))
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        if self._executor is not None:
+            return self._executor.submit(fn, *args)
+        done: Future[T] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+    def _submit(self, images: Sequence[ImageInput]) -> _PendingBatch:
+        """Start decoding `images` on the pool."""
+        if self.resize_device is not None:
+            device = self.resize_device
+            decoded = [self._run(self._decode_rgb, source) for source in images]
+
+            def resized() -> torch.Tensor:
+                rows = [self.preprocessor.resize_crop(f.result().to(device)) for f in decoded]
+                return torch.stack(rows) if rows else torch.empty((0, self.size, self.size, 3), dtype=torch.uint8)
+
+            return _PendingBatch(decoded, resized)
         batch = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8)
         rows = batch.numpy()
-        if self._executor is None:
-            for i, source in enumerate(images):
-                self._decode_into(rows[i], source)
-            return batch, []
-        return batch, [
-            self._executor.submit(self._decode_into, rows[i], source) for i, source in enumerate(images)
-        ]
+        filled = [self._run(self._decode_into, rows[i], source) for i, source in enumerate(images)]
+        return _PendingBatch(filled, lambda: batch)
 
     def decode(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """uint8 [N, S, S, 3] for `images`, decoded on the pool. The first failure is raised (ImageError)."""
-        batch, pending = self._submit(images)
-        for future in pending:
-            future.result()
-        return batch
+        """uint8 [N, S, S, 3] for `images` (on `resize_device` if set). The first failure is raised."""
+        return self._submit(images).result()
 
     def batches(self, images: Sequence[ImageInput], batch_size: int) -> Iterator[torch.Tensor]:
         """uint8 batches of `batch_size`, the next one decoding while the caller works on the current one."""
-        starts = range(0, len(images), batch_size)
         pending = self._submit(images[0:batch_size]) if len(images) else None
-        for start in starts:
+        for start in range(0, len(images), batch_size):
             assert pending is not None
-            batch, futures = pending
+            current = pending
             next_start = start + batch_size
             pending = (
-                self._submit(images[next_start : next_start + batch_size])
-                if next_start < len(images)
-                else None
+                self._submit(images[next_start : next_start + batch_size]) if next_start < len(images) else None
             )
             try:
-                for future in futures:
-                    future.result()
+                batch = current.result()
             except BaseException:
                 if pending is not None:
-                    for future in pending[1]:
-                        future.cancel()
+                    pending.cancel()
                 raise
             yield batch
+
+
+@dataclass
+class _PendingBatch:
+    """A batch being decoded: the per-image futures, and how to assemble the batch once they are done."""
+
+    futures: list[Future[Any]]
+    assemble: Callable[[], torch.Tensor]
+
+    def result(self) -> torch.Tensor:
+        """Wait for every image (the first failure raises, an ImageError for a bad image), then assemble."""
+        for future in self.futures:
+            future.result()
+        return self.assemble()
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
