@@ -114,35 +114,34 @@ async def run_load(url: str, key: str, mode: str, model: str, concurrency: int, 
     )
 
 
-def random_model(arch: str, device: str, precision: str):
-    from clipserve.config import PreprocessConfig
-    from clipserve.engine.loading import resolve_device
-    from clipserve.engine.model import PRECISIONS, Model
-    from clipserve.io.tokenizers import CLIPTokenizer
+def random_model(arch: str, device: str, precision: str, compile: bool):
+    """A registry architecture with random weights, loaded like a checkpoint (so every precision works)."""
+    from safetensors.torch import save_file
+
+    import clipserve
     from clipserve.models.clip import CLIP
     from clipserve.registry import architecture
 
-    cfg = architecture(arch)
-    device = resolve_device(device)
-    module = CLIP(cfg).init_weights(0).to(device=device, dtype=PRECISIONS[precision])
-    return Model(module, CLIPTokenizer(cfg.context_length), PreprocessConfig(size=cfg.image_size),
-                 name=f"{arch}-random", architecture=arch, source="random", device=device, precision=precision)
+    path = Path(tempfile.mkdtemp(prefix="clipserve-bench-")) / "random.safetensors"
+    save_file(CLIP(architecture(arch)).init_weights(0).state_dict(), str(path))
+    return clipserve.load(arch, checkpoint=str(path), device=device, precision=precision, compile=compile)
 
 
-def start_server(args: argparse.Namespace) -> tuple[str, str, object]:
+def start_server(args: argparse.Namespace) -> tuple[str, str, object, str]:
+    """Serve one model in this process: (url, model name, uvicorn server, the precision that `auto` chose)."""
     import uvicorn
 
     import clipserve
     from clipserve.api import AuthSettings, ServerSettings, create_app
     from clipserve.engine.batching import BatchSettings
 
-    model = (random_model(args.random_arch, args.device, args.precision) if args.random_arch
-             else clipserve.load(args.model, device=args.device, precision=args.precision))
+    model = (random_model(args.random_arch, args.device, args.precision, args.compile) if args.random_arch
+             else clipserve.load(args.model, device=args.device, precision=args.precision, compile=args.compile))
     alias = "bench"
     settings = ServerSettings(
         host="127.0.0.1", port=args.port, state_dir=Path(args.state_dir or tempfile.mkdtemp(prefix="clipserve-bench-")),
         auth=AuthSettings(api_keys=(KEY,)),
-        batching=BatchSettings(args.max_batch_size, args.max_wait_ms, max_queue=4096),
+        batching=BatchSettings(args.max_batch_size, args.max_wait_ms, max_queue=4096, fast_decode=args.fast_decode),
         preprocess_workers=args.preprocess_workers,
     )
     app = create_app(settings, {alias: model})
@@ -153,7 +152,7 @@ def start_server(args: argparse.Namespace) -> tuple[str, str, object]:
         if not thread.is_alive():
             raise SystemExit("server failed to start")
         time.sleep(0.05)
-    return f"http://127.0.0.1:{args.port}", alias, server
+    return f"http://127.0.0.1:{args.port}", alias, server, model.info.precision
 
 
 def main() -> int:
@@ -168,20 +167,22 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (bounded)")
     p.add_argument("--per-request", type=int, default=1, help="items per request")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default="auto", help="as `clipserve serve --precision` (default auto)")
+    p.add_argument("--compile", action="store_true", help="as `clipserve serve --compile`")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--preprocess-workers", type=int, default=8)
+    p.add_argument("--fast-decode", action="store_true", help="the server's --fast-decode")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--state-dir", default=None, help="API-key database directory (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the result as JSON here (e.g. bench/results/x.json)")
     args = p.parse_args()
 
-    server = None
+    server, precision = None, args.precision  # a --url server's own setting is not known here
     if args.url:
         url, model, key = args.url, args.served_name, args.key
     elif args.model or args.random_arch:
-        url, model, server = start_server(args)
+        url, model, server, precision = start_server(args)
         key = KEY
     else:
         p.error("give --url, --model or --random-arch")
@@ -191,7 +192,8 @@ def main() -> int:
     if server is not None:
         server.should_exit = True
     summary = {**asdict(result), "target": url, "model": args.random_arch or args.model or model,
-               "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+               "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "fast_decode": args.fast_decode,
+               "precision": precision, "compile": args.compile, "preprocess_workers": args.preprocess_workers,
                "python": platform.python_version(), "machine": platform.machine()}
     try:
         import torch
