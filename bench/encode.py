@@ -10,7 +10,9 @@ by round, so that the machine's drift reaches them alike), the process's RSS and
 open_clip (min over the distinct inputs) and the same cosine with the batch mean removed (random weights make
 all embeddings nearly parallel), and the ratio to the best peer. At image batch 32 it also times "floor" rows,
 in the same rounds: one batch's Linear GEMMs alone per kernel (`gemm_floors`), what bounds each path; end to
-end, "decode only" rows time the decoding and preprocessing alone, on one thread. Paths
+end, "decode only" rows time the decoding and preprocessing alone, inline. `--device cuda` times the GPU
+paths (fp32, bf16, fp16, bf16 compiled with CUDA graphs) against open_clip and transformers on the GPU, with
+cuBLAS floors; `--workloads image256,e2e256` adds large batches. Paths
 whose one-item warm-up predicts more than `--budget` seconds per timed run are skipped and say so (bf16 on
 CPUs without AVX-512 BF16, for one).
 Results go to bench/results/encode-<host>-<time>.json together with the machine load, which matters: numbers
@@ -56,6 +58,8 @@ from clipserve.io.images import Preprocessor  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16", "xlm-roberta-base-ViT-B-32")
 WORKLOADS = ("image1", "image32", "e2e32", "text1", "text256")
+# not run by default: large batches, for GPUs (`--device cuda --workloads image32,image256,e2e256,text256`)
+LARGE_WORKLOADS = ("image256", "e2e256")
 XLMR = "xlm-roberta-base-ViT-B-32"
 LABELS = (
     "golden retriever", "tabby cat", "espresso machine", "space shuttle", "red double-decker bus", "sunflower",
@@ -146,6 +150,7 @@ class Bench:
         self.args = args
         self.rows: list[Row] = []
         self.photos = photos_jpeg()
+        self.device = torch.device(args.device)
         self.tmp = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
         os.environ.setdefault("CLIPSERVE_CACHE", str(self.tmp / "cache"))
         self.per_item: dict[tuple[str, str], float] = {}  # (model, path) -> seconds per item at batch 1
@@ -180,21 +185,28 @@ class Bench:
             else:
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    out = fn(inputs)
+                    out = self.synced(fn, inputs)
                     warm = time.perf_counter() - start
                     if len(inputs) == 1:
                         start = time.perf_counter()
-                        fn(inputs)
+                        self.synced(fn, inputs)
                         self.per_item[key] = warm = time.perf_counter() - start
                 if reference is not None:
                     row.cosine_min, row.centred_cosine_min = (
                         round(c, 5) for c in cosines(out[:distinct], reference)
                     )
-                self.pending.append(Cell(row, lambda: fn(inputs), len(inputs), warm))
+                self.pending.append(Cell(row, lambda: self.synced(fn, inputs), len(inputs), warm))
                 return
         except Exception as exc:  # a peer that cannot run here must not stop the others
             row.note = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
         self.record(row)
+
+    def synced(self, fn: Callable[[list], object], inputs: list) -> object:
+        """`fn(inputs)`, returned once the device has finished it (GPU kernels run asynchronously)."""
+        out = fn(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
 
     def flush(self) -> None:
         """Time the pending cells in rounds, each cell once per round, so that the machine's drift during the
@@ -279,6 +291,14 @@ class Bench:
             "clipserve onnx-fp32": {"backend": "onnx", "precision": "fp32"},
             "clipserve onnx-int8": {"backend": "onnx", "precision": "int8"},
         }
+        if self.device.type == "cuda":  # oneDNN, int8 and ONNX Runtime paths are CPU paths
+            specs = {
+                "clipserve fp32": {"precision": "fp32"},
+                "clipserve bf16": {"precision": "bf16"},
+                "clipserve fp16": {"precision": "fp16"},
+                # CUDA graphs: the kernel launches of small batches replayed as one graph
+                "clipserve bf16 compile": {"precision": "bf16", "compile": True},
+            }
         models = {}
         for path, kwargs in specs.items():
             if self.args.paths and not any(p in path for p in self.args.paths):
@@ -291,7 +311,7 @@ class Bench:
             else:
                 fallback = contextlib.nullcontext()
             with fallback:
-                models[path] = clipserve.load(str(directory), batch_size=256, **kwargs)
+                models[path] = clipserve.load(str(directory), batch_size=256, device=self.args.device, **kwargs)
             print(f"  loaded {path} in {time.perf_counter() - start:.1f} s", flush=True)
         return models
 
@@ -331,8 +351,8 @@ class Bench:
                     ref = reference.encode_image(pixels[:distinct_images]).float()
                 distinct = min(n, distinct_images)
                 if workload.startswith("image"):
-                    if n == 32:  # the GEMMs alone, timed in the same rounds as the paths
-                        for kernel, fn in gemm_floors(name, n).items():
+                    if n == 32 or self.device.type == "cuda":  # the GEMMs alone, in the same rounds as the paths
+                        for kernel, fn in gemm_floors(name, n, self.device).items():
                             self.run(name, workload, f"floor: {kernel}", fn, pixels, None, peer=False,
                                      distinct=distinct)  # fmt: skip
                     for path, m in paths.items():
@@ -348,7 +368,7 @@ class Bench:
     def bench_e2e(self, name, workload, directory, paths, peers, pre, jpegs, ref, distinct) -> None:
         """From JPEG bytes: decode + preprocess + model. clipserve runs sequential (all cores infer, decode
         inline) and overlapped (`ThreadPlan`: decode workers + the remaining cores infer)."""
-        cores = ThreadPlan.for_cores()
+        cores = ThreadPlan.for_device(self.device.type)
         torch_threads = torch.get_num_threads()
 
         def overlapped(fn: Callable[[list], torch.Tensor]) -> Callable[[list], torch.Tensor]:
@@ -382,7 +402,7 @@ class Bench:
                 name, workload, path, lambda x, fn=fn: fn(open_clip_pixels(x)), jpegs, ref, peer=True,
                 distinct=distinct,
             )
-        # what decoding alone costs per image, on one thread (2 cores: the model's threads do not overlap it)
+        # what decoding alone costs per image, inline in this thread as on 2 cores (no decode workers)
         preprocessor = Preprocessor(resolve(str(directory)).preprocess_cfg)
         for fast in (False, True):
             self.run(name, workload, f"decode only: clipserve {'fast' if fast else 'exact'}",
@@ -397,28 +417,38 @@ class Bench:
 
         image: dict[str, Callable] = {}
         text: dict[str, Callable] = {}
-        bf16 = copy.deepcopy(reference).to(torch.bfloat16)
-        image["open_clip fp32"] = lambda x: reference.encode_image(x)
-        image["open_clip bf16-weights"] = lambda x: bf16.encode_image(x.to(torch.bfloat16)).float()
-        text["open_clip fp32 (77 tok)"] = lambda x: reference.encode_text(x)
-        text["open_clip bf16-weights (77 tok)"] = lambda x: bf16.encode_text(x).float()
+        device = self.device
+        # inputs start on the CPU for every path (clipserve's included) and results come back to it
+        fp32 = copy.deepcopy(reference).to(device) if device.type != "cpu" else reference
+        bf16 = copy.deepcopy(reference).to(device, torch.bfloat16)
+        image["open_clip fp32"] = lambda x: fp32.encode_image(x.to(device)).cpu()
+        image["open_clip bf16-weights"] = lambda x: bf16.encode_image(x.to(device, torch.bfloat16)).float().cpu()
+        text["open_clip fp32 (77 tok)"] = lambda x: fp32.encode_text(x.to(device)).cpu()
+        text["open_clip bf16-weights (77 tok)"] = lambda x: bf16.encode_text(x.to(device)).float().cpu()
         if name != XLMR:
             hf = self.hf_model(directory)
             if hf is not None:
-                image["transformers fp32-sdpa"] = lambda x: features(hf.get_image_features(pixel_values=x))
-                text["transformers fp32-sdpa (longest)"] = lambda x: features(hf.get_text_features(**hf_text_inputs(x)))
+                hf = hf.to(device)
 
-                def hf_image_autocast(x: torch.Tensor) -> torch.Tensor:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return features(hf.get_image_features(pixel_values=x)).float()
+                def hf_image(x: torch.Tensor) -> torch.Tensor:
+                    return features(hf.get_image_features(pixel_values=x.to(device))).float().cpu()
 
-                def hf_text_autocast(x: torch.Tensor) -> torch.Tensor:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return features(hf.get_text_features(**hf_text_inputs(x))).float()
+                def hf_text(x: torch.Tensor) -> torch.Tensor:
+                    inputs = {k: v.to(device) for k, v in hf_text_inputs(x).items()}
+                    return features(hf.get_text_features(**inputs)).float().cpu()
 
-                image["transformers bf16-autocast"] = hf_image_autocast
-                text["transformers bf16-autocast (longest)"] = hf_text_autocast
-            for precision in ("fp32", "int8"):
+                def autocast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+                    def run(x: torch.Tensor) -> torch.Tensor:
+                        with torch.autocast(device.type, dtype=torch.bfloat16):
+                            return fn(x)
+
+                    return run
+
+                image["transformers fp32-sdpa"] = hf_image
+                text["transformers fp32-sdpa (longest)"] = hf_text
+                image["transformers bf16-autocast"] = autocast(hf_image)
+                text["transformers bf16-autocast (longest)"] = autocast(hf_text)
+            for precision in ("fp32", "int8") if device.type == "cpu" else ():
                 session = self.ort_open_clip_image(name, reference, precision)
                 image[f"onnxruntime(open_clip) {precision}"] = lambda x, s=session: torch.from_numpy(
                     s.run(None, {"pixels": x.numpy()})[0]
@@ -488,6 +518,7 @@ class Bench:
                         "cores": os.cpu_count(),
                         "torch": torch.__version__,
                         "torch_threads": torch.get_num_threads(),
+                        "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                         "loadavg_start": self.load_start,
                         "loadavg_end": load_end,
                     },
@@ -500,13 +531,14 @@ class Bench:
         return out
 
 
-def gemm_floors(name: str, batch: int = 32) -> dict[str, Callable[[list], None]]:
+def gemm_floors(name: str, batch: int = 32, device: torch.device | None = None) -> dict[str, Callable[[list], None]]:
     """Per kernel, a function that runs every Linear GEMM of one batch of a ViT tower (each block's shapes,
     rows = batch x tokens, once per block) and nothing else: timed like a path, it gives the images/s the tower
     could reach if all its other work were free (attention products and patch embedding are ~5% of its
     FLOPs). Kernels: fp32 through MKL (`addmm`) and oneDNN packed weights; int8 as `precision="int8"` runs it
     (quantising each row, then the GEMM), the same with one scale per batch (torch.ao's dynamic Linear), and
-    oneDNN's int8 GEMM alone on inputs quantised beforehand. What bounds each path here."""
+    oneDNN's int8 GEMM alone on inputs quantised beforehand; on a GPU, cuBLAS in fp32, bf16 and fp16. What
+    bounds each path here."""
     from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
     from clipserve.engine.quantize import (
         Int8Linear,
@@ -516,12 +548,14 @@ def gemm_floors(name: str, batch: int = 32) -> dict[str, Callable[[list], None]]
         quantized_engine,
     )
 
-    torch.backends.quantized.engine = quantized_engine()
     vision = open_clip().get_model_config(name)["vision_cfg"]
     width, layers = vision["width"], vision["layers"]
     hidden = int(width * vision.get("mlp_ratio", 4.0))
     rows = batch * ((vision["image_size"] // vision["patch_size"]) ** 2 + 1)
     shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
+    if device is not None and device.type == "cuda":
+        return {f"{dtype} cuBLAS": cuda_floor(shapes, rows, layers, device, dtype) for dtype in ("fp32", "bf16", "fp16")}
+    torch.backends.quantized.engine = quantized_engine()
 
     def int8_gemm_only(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         linear = Int8Linear(w, b)
@@ -553,6 +587,24 @@ def gemm_floors(name: str, batch: int = 32) -> dict[str, Callable[[list], None]]
     return {kernel: floor(make, kernel == "int8 oneDNN GEMM alone") for kernel, make in kernels.items()}
 
 
+def cuda_floor(
+    shapes: list[tuple[int, int]], rows: int, layers: int, device: torch.device, dtype: str
+) -> Callable[[list], None]:
+    """One batch's Linear GEMMs on the GPU in `dtype` (weights and inputs resident; `Bench.synced` waits)."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gemms = [
+        (torch.randn(n, k, device=device, dtype=torch_dtype), torch.randn(rows, k, device=device, dtype=torch_dtype))
+        for k, n in shapes
+    ]
+
+    def run(_: list) -> None:
+        for _ in range(layers):
+            for weight, x in gemms:
+                torch.mm(x, weight.t())
+
+    return run
+
+
 def hf_text_inputs(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """transformers users pad to the longest prompt (processor(padding=True)); trim open_clip's 77-token ids."""
     length = int(ids.argmax(dim=-1).max()) + 1
@@ -578,7 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
     )
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"subset of {', '.join(WORKLOADS + LARGE_WORKLOADS)}"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (GPU paths: fp32, bf16, fp16, compiled)")
     parser.add_argument(
         "--paths", default="", help="only paths whose name contains one of these (comma-separated)"
     )
@@ -593,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     args.models = [m for m in args.models.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.paths = [p for p in args.paths.split(",") if p]
-    unknown = set(args.models) - set(MODELS) | set(args.workloads) - set(WORKLOADS)
+    unknown = set(args.models) - set(MODELS) | set(args.workloads) - set(WORKLOADS + LARGE_WORKLOADS)
     if unknown:
         parser.error(f"unknown models/workloads: {sorted(unknown)}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -602,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.load_start = os.getloadavg()
     print(
         f"cpu {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, load average {bench.load_start}"
+        + (f", {torch.cuda.get_device_name(bench.device)}" if bench.device.type == "cuda" else "")
     )
     try:
         for name in args.models:

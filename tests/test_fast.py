@@ -422,6 +422,9 @@ def test_thread_plan_never_oversubscribes() -> None:
     assert ThreadPlan.for_cores(2) == ThreadPlan(inference_threads=2, decode_workers=0)  # decode inline
     assert ThreadPlan.for_cores(16) == ThreadPlan(inference_threads=14, decode_workers=2)
     assert ThreadPlan.for_cores(2, decode_workers=0) == ThreadPlan(inference_threads=2, decode_workers=0)
+    assert ThreadPlan.for_device("cpu", 16) == ThreadPlan.for_cores(16)
+    assert ThreadPlan.for_device("cuda", 16) == ThreadPlan(inference_threads=1, decode_workers=15)  # GPU: decode
+    assert ThreadPlan.for_device("cuda", 1) == ThreadPlan(inference_threads=1, decode_workers=1)
     before = torch.get_num_threads()
     try:
         ThreadPlan(inference_threads=1, decode_workers=1).apply()

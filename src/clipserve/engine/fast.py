@@ -47,6 +47,15 @@ class ThreadPlan:
             raise ValueError(f"decode_workers must be >= 0, got {workers}")
         return cls(inference_threads=max(1, cores - workers), decode_workers=workers)
 
+    @classmethod
+    def for_device(cls, device_type: str, cores: int | None = None) -> ThreadPlan:
+        """`for_cores` for a model on the CPU; with the model on a GPU the cores have nothing to do but
+        decode, so all but one (which feeds the GPU) decode."""
+        if device_type == "cpu":
+            return cls.for_cores(cores)
+        cores = cores or available_cores()
+        return cls(inference_threads=1, decode_workers=max(1, cores - 1))
+
     def apply(self) -> None:
         """Set torch's intra-op threads (process-wide); ONNX sessions take `inference_threads` at creation."""
         torch.set_num_threads(self.inference_threads)
