@@ -256,6 +256,23 @@ def test_torch_resize_is_within_one_level_of_pillow(
         assert difference.max() <= 1 and difference.float().mean() < 0.2
 
 
+def test_fast_decode_resizes_palette_images_like_open_clip() -> None:
+    """Palette and 1-bit images: open_clip resizes them with NEAREST, and so does the fast path (exactly)."""
+    from clipserve.config import PreprocessConfig
+    from clipserve.io.images import Preprocessor
+
+    pre = Preprocessor(PreprocessConfig(size=224))
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    smooth = Image.fromarray(noise).resize((640, 480), Image.Resampling.BICUBIC)
+    for image, fmt in ((smooth.convert("P"), "GIF"), (smooth.convert("1"), "PNG"), (smooth, "JPEG")):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        exact, fast = pre.decode(buffer.getvalue()), pre.decode(buffer.getvalue(), fast=True)
+        assert fast.shape == exact.shape == (224, 224, 3)
+        difference = (fast.int() - exact.int()).abs().float().mean()
+        assert difference == 0 if fmt != "JPEG" else 0 < difference < 2  # JPEG: draft decode, torch resize
+
+
 def test_resize_on_an_accelerator_is_the_float_resize_rounded(photos: list[bytes], monkeypatch) -> None:
     """CUDA has no uint8 antialiased resize: the device path resizes floats. Exercised here on the CPU.
 

@@ -41,6 +41,7 @@ def test_readme_python_examples(fake_hub, tmp_path: Path, monkeypatch: pytest.Mo
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
     assert namespace["probs"].shape == (2, 2)
     assert namespace["similarity"].shape == (2, 2)
+    assert float(namespace["quick"][0] @ namespace["exact"][0]) > 0.995
 
 
 def shell_commands() -> list[str]:

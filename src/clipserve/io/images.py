@@ -393,8 +393,13 @@ class Preprocessor:
         return self.resize_crop(self.rgb_tensor(open_image(source, limits, draft_size=self.size)))
 
     def rgb_tensor(self, image: Image.Image) -> torch.Tensor:
-        """uint8 [H, W, 3] of ``image`` at its decoded size, for `resize_crop` (fast path, any device)."""
+        """uint8 [H, W, 3] of ``image`` for `resize_crop` (fast path, any device): at its decoded size, except
+        palette and 1-bit images, which come already resized by the exact path. open_clip resizes those with
+        NEAREST (Pillow's rule for the two modes), which is cheap; a smooth resize of their colours would move
+        their embeddings away from open_clip's."""
         img = _checked_8bit(image)
+        if img.mode in ("P", "1"):
+            return torch.from_numpy(self.to_uint8(img))
         return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
 
     def resize_crop(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -404,8 +409,8 @@ class Preprocessor:
         antialiased resize instead of PIL's. On CPU that is torch's uint8 kernel, a port of Pillow's
         fixed-point resampler with a different weight precision: pixels differ by at most 1 from PIL's
         (asserted in tests), several times faster than Pillow's non-SIMD resize. Other devices (CUDA has no
-        uint8 kernel) resize in float32 and round. The image is resized in RGB, so palette and alpha images
-        are resampled as colours (PIL would resample palette indices with NEAREST).
+        uint8 kernel) resize in float32 and round. The image is resized in RGB (alpha dropped first, where
+        the exact path resizes RGBA premultiplied and drops it after: the same on opaque pixels).
         """
         if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected uint8 [H, W, 3] pixels, got {pixels.dtype} {tuple(pixels.shape)}")
