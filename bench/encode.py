@@ -51,7 +51,6 @@ from oracles import open_clip, transformers  # noqa: E402
 
 import clipserve  # noqa: E402
 from clipserve.engine import linears, quantize  # noqa: E402
-from clipserve.engine.fast import ThreadPlan  # noqa: E402
 from clipserve.engine.loading import resolve  # noqa: E402
 from clipserve.engine.pipeline import DecodePool  # noqa: E402
 from clipserve.io.images import Preprocessor  # noqa: E402
@@ -366,33 +365,15 @@ class Bench:
         del peers, paths, reference
 
     def bench_e2e(self, name, workload, directory, paths, peers, pre, jpegs, ref, distinct) -> None:
-        """From JPEG bytes: decode + preprocess + model. clipserve runs sequential (all cores infer, decode
-        inline) and overlapped (`ThreadPlan`: decode workers + the remaining cores infer)."""
-        cores = ThreadPlan.for_device(self.device.type)
-        torch_threads = torch.get_num_threads()
-
-        def overlapped(fn: Callable[[list], torch.Tensor]) -> Callable[[list], torch.Tensor]:
-            def run(x: list) -> torch.Tensor:
-                cores.apply()
-                try:
-                    return fn(x)
-                finally:
-                    torch.set_num_threads(torch_threads)
-
-            return run
-
+        """From JPEG bytes: decode + preprocess + model. clipserve decodes inline (in the calling thread) and
+        as `encode_image` does by default (`ThreadPlan`: on CPU all cores between batches, on a GPU all cores
+        but one while the GPU runs)."""
         for path, m in paths.items():
             for fast in (False, True):
-                label = f"{path} {'fast' if fast else 'exact'}-decode"
-                self.run(name, workload, label + " seq",
-                         lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast, decode_workers=0),
-                         jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
-                if "onnx" in path:
-                    continue  # ORT sessions keep the thread count they were made with: no overlap variant
-                self.run(name, workload, label + " overlap",
-                         overlapped(lambda x, m=m, fast=fast: m.encode_image(x, fast_decode=fast,
-                                                                             decode_workers=cores.decode_workers)),
-                         jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
+                for plan, workers in (("inline", 0), ("default", None)):
+                    self.run(name, workload, f"{path} {'fast' if fast else 'exact'}-decode {plan}",
+                             lambda x, m=m, fast=fast, w=workers: m.encode_image(x, fast_decode=fast, decode_workers=w),
+                             jpegs, ref, peer=False, distinct=distinct)  # fmt: skip
 
         def open_clip_pixels(x: list[bytes]) -> torch.Tensor:
             return torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in x])

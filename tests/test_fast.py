@@ -424,6 +424,20 @@ def test_decode_pool_overlaps_batches_and_reports_bad_images(tiny_model, photos:
     with DecodePool(tiny_model.preprocessor, workers=0) as inline:
         assert torch.equal(inline.decode(photos), torch.cat(batches))
 
+    class Counting:  # the preprocessor, counting the images decoded
+        size = tiny_model.preprocessor.size
+        calls = 0
+
+        def decode(self, *args, **kwargs) -> torch.Tensor:
+            self.calls += 1
+            return tiny_model.preprocessor.decode(*args, **kwargs)
+
+    counting = Counting()
+    with DecodePool(counting, workers=2, prefetch=False) as on_demand:  # type: ignore[arg-type]
+        decoded = on_demand.batches(photos, 4)
+        assert torch.equal(next(decoded), batches[0]) and counting.calls == 4  # the next batch waits for us
+        assert torch.equal(next(decoded), batches[1]) and counting.calls == 6
+
 
 def test_encode_image_pipeline_equals_exact_preprocessing(tiny_model, photos: list[bytes]) -> None:
     exact = tiny_model.encode_pixels(tiny_model.preprocessor.batch(photos))
@@ -431,23 +445,10 @@ def test_encode_image_pipeline_equals_exact_preprocessing(tiny_model, photos: li
         assert torch.equal(tiny_model.encode_image(photos, decode_workers=workers), exact)
 
 
-def test_thread_plan_never_oversubscribes() -> None:
-    for cores in (1, 2, 4, 16):
-        plan = ThreadPlan.for_cores(cores)
-        assert plan.decode_workers >= 0 and plan.inference_threads >= 1
-        assert plan.inference_threads + plan.decode_workers == cores
-    assert ThreadPlan.for_cores(2) == ThreadPlan(inference_threads=2, decode_workers=0)  # decode inline
-    assert ThreadPlan.for_cores(16) == ThreadPlan(inference_threads=14, decode_workers=2)
-    assert ThreadPlan.for_cores(2, decode_workers=0) == ThreadPlan(inference_threads=2, decode_workers=0)
-    assert ThreadPlan.for_device("cpu", 16) == ThreadPlan.for_cores(16)
-    assert ThreadPlan.for_device("cuda", 16) == ThreadPlan(inference_threads=1, decode_workers=15)  # GPU: decode
-    assert ThreadPlan.for_device("cuda", 1) == ThreadPlan(inference_threads=1, decode_workers=1)
-    before = torch.get_num_threads()
-    try:
-        ThreadPlan(inference_threads=1, decode_workers=1).apply()
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+def test_thread_plan_decodes_between_batches_on_cpu_and_ahead_on_a_gpu() -> None:
+    assert ThreadPlan.for_device("cpu", 2) == ThreadPlan(decode_workers=2, overlap=False)
+    assert ThreadPlan.for_device("cuda", 16) == ThreadPlan(decode_workers=15, overlap=True)
+    assert ThreadPlan.for_device("cuda", 1) == ThreadPlan(decode_workers=1, overlap=True)
 
 
 def test_uint8_buffer_is_written_in_place(tiny_model, photos: list[bytes]) -> None:

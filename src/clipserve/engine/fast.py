@@ -1,6 +1,6 @@
 """CPU fast-path helpers shared by `Model`, the server's batching and bench/encode.py.
 
-* Thread plans: decode workers and inference threads that together use the cores once, no more.
+* Thread plans: how many threads decode, and whether while the model runs (GPU) or between batches (CPU).
 * Length-sorted text batches: prompts of similar length share a batch, so each batch is trimmed to a short
   longest row (the towers' trim is exact: causal mask / key mask).
 * uint8 -> float normalisation on the model side, in torchvision's arithmetic, from the decode buffer.
@@ -25,40 +25,27 @@ def available_cores() -> int:
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """How many threads decode images and how many run the model, when both run at the same time.
+    """How images are decoded around the model: on how many threads, and whether during inference.
 
-    OpenMP and ONNX Runtime worker threads spin and wait at barriers: if decode threads take a core from one
-    of them, every GEMM waits for the preempted thread. So the two pools split the cores instead of sharing
-    them: `inference_threads = cores - decode_workers` (at least 1). A decode worker costs the model 1/cores of
-    its threads and hides the decode share of the work (~10 ms per 1024x768 JPEG against ~80 ms of ViT-B/32
-    fp32 per image on 2 cores, ~12%). Below 8 cores that trade loses: measured on 2 cores (bench/encode.py,
-    e2e32), decoding inline gave 11.4 images/s and one overlapped worker 6.9. So: no decode worker below 8
-    cores, then one per 8 cores.
+    With the model on the CPU, in bursts (`overlap=False`): all cores decode a batch, then all cores run the
+    model on it. Decoding during inference would take cores from the model's OpenMP threads, which spin and
+    wait at barriers, so one preempted thread stalls every GEMM (measured on 2 cores, bench/encode.py e2e32:
+    one decode worker overlapped with inference gave 6.9 images/s against 11.4 decoding inline); decoding on
+    the calling thread alone leaves the other cores idle meanwhile. Pillow's decoder and resize and torch's
+    resize release the GIL, so threads are enough.
+    With the model on a GPU the cores have nothing else to do: all but one (which feeds the GPU) decode the
+    next batch while the GPU runs the current one (`overlap=True`).
     """
 
-    inference_threads: int
     decode_workers: int
-
-    @classmethod
-    def for_cores(cls, cores: int | None = None, decode_workers: int | None = None) -> ThreadPlan:
-        cores = cores or available_cores()
-        workers = cores // 8 if decode_workers is None else decode_workers
-        if workers < 0:
-            raise ValueError(f"decode_workers must be >= 0, got {workers}")
-        return cls(inference_threads=max(1, cores - workers), decode_workers=workers)
+    overlap: bool
 
     @classmethod
     def for_device(cls, device_type: str, cores: int | None = None) -> ThreadPlan:
-        """`for_cores` for a model on the CPU; with the model on a GPU the cores have nothing to do but
-        decode, so all but one (which feeds the GPU) decode."""
-        if device_type == "cpu":
-            return cls.for_cores(cores)
         cores = cores or available_cores()
-        return cls(inference_threads=1, decode_workers=max(1, cores - 1))
-
-    def apply(self) -> None:
-        """Set torch's intra-op threads (process-wide); ONNX sessions take `inference_threads` at creation."""
-        torch.set_num_threads(self.inference_threads)
+        if device_type == "cpu":
+            return cls(decode_workers=cores, overlap=False)
+        return cls(decode_workers=max(1, cores - 1), overlap=True)
 
 
 def length_sorted_chunks(lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

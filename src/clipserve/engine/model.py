@@ -194,10 +194,11 @@ class Model:
     ) -> torch.Tensor:
         """Images (PIL images, paths or bytes, or a preprocessed tensor [N,3,H,W]) -> [N, embed_dim].
 
-        Images are decoded on `decode_workers` threads, the next batch while the model runs on the current one
-        (default `ThreadPlan.for_device`: on CPU inline below 8 cores, where a decode thread costs the model
-        more than it hides; with a GPU, all cores but one); pixels go from the decoder into one uint8 batch buffer, which is moved to the model's
-        device and normalised there with the exact preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
+        Images are decoded on `decode_workers` threads (0: in the calling thread; default `ThreadPlan`: on CPU
+        all cores, between batches, so that decoding never takes a core from the model; with a GPU all cores
+        but one, decoding the next batch while the GPU runs the current one); pixels go from the decoder into
+        one uint8 batch buffer, which is moved to the model's device and normalised there with the exact
+        preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
         reduced size (`open_image(draft_size=...)`) and resizes with torch instead of Pillow, on the model's
         device when that is not the CPU: several times less CPU work per image, not bit-exact.
         """
@@ -207,7 +208,8 @@ class Model:
             images = [images]  # a single image
         if len(images) == 0:
             return torch.empty(0, self.embed_dim)
-        workers = ThreadPlan.for_device(self.device.type).decode_workers if decode_workers is None else decode_workers
+        plan = ThreadPlan.for_device(self.device.type)
+        workers = plan.decode_workers if decode_workers is None else decode_workers
         # fast decode on an accelerator resizes there: the CPU only decodes
         resize_device = self.device if fast_decode and self.device.type != "cpu" else None
         with DecodePool(
@@ -216,6 +218,7 @@ class Model:
             fast_decode=fast_decode,
             limits=limits,
             resize_device=resize_device,
+            prefetch=plan.overlap,
         ) as pool:
             outputs = [self.encode_uint8(batch, normalize) for batch in pool.batches(images, self.batch_size)]
         return torch.cat(outputs)

@@ -1,7 +1,8 @@
-"""Image decoding on a worker pool, overlapped with inference.
+"""Image decoding on a worker pool, between or during inference (`ThreadPlan`).
 
-`DecodePool.batches` decodes batch i+1 on the pool while the caller runs the model on batch i. Decoding
-(Pillow's JPEG decoder and resize) releases the GIL, so threads are enough. Each worker writes its image's
+`DecodePool.batches` decodes each batch on the pool, either when the caller asks for it (CPU: the model then
+has the cores to itself) or ahead, batch i+1 while the caller runs the model on batch i (GPU). Decoding
+(Pillow's JPEG decoder and resize, torch's resize) releases the GIL, so threads are enough. Each worker writes its image's
 resized, cropped RGB pixels straight into its row of one preallocated uint8 [N, S, S, 3] batch buffer; the
 model side turns that buffer into normalised floats in one pass (`fast.normalise_uint8`).
 
@@ -39,6 +40,7 @@ class DecodePool:
         fast_decode: bool = False,
         limits: ImageLimits | None = None,
         resize_device: torch.device | None = None,
+        prefetch: bool = True,
     ) -> None:
         if resize_device is not None and not fast_decode:
             raise ValueError("resize_device needs fast_decode=True: the exact resize is Pillow's, on the CPU")
@@ -48,6 +50,7 @@ class DecodePool:
         self.limits = limits or ImageLimits()
         self.workers = workers
         self.resize_device = resize_device
+        self.prefetch = prefetch
         self._executor = (
             ThreadPoolExecutor(workers, thread_name_prefix="clipserve-decode") if workers else None
         )
@@ -99,7 +102,12 @@ class DecodePool:
         return self._submit(images).result()
 
     def batches(self, images: Sequence[ImageInput], batch_size: int) -> Iterator[torch.Tensor]:
-        """uint8 batches of `batch_size`, the next one decoding while the caller works on the current one."""
+        """uint8 batches of `batch_size`. With `prefetch` the next one decodes while the caller works on the
+        current one; without, each batch decodes (on all the workers) when the caller asks for it."""
+        if not self.prefetch:
+            for start in range(0, len(images), batch_size):
+                yield self.decode(images[start : start + batch_size])
+            return
         pending = self._submit(images[0:batch_size]) if len(images) else None
         for start in range(0, len(images), batch_size):
             assert pending is not None
