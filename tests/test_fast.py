@@ -22,7 +22,7 @@ from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorte
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
 from clipserve.engine.loading import build_module, resolve
 from clipserve.engine.pipeline import DecodePool
-from clipserve.engine.quantize import Int8Linear, int8_rows_available
+from clipserve.engine.quantize import ACTIVATION_ZERO_POINT, Int8Linear, int8_rows_available, quantize_rows
 from clipserve.io.images import ImageError
 
 PROMPTS = [
@@ -132,6 +132,21 @@ def test_int8_quantises_every_block_projection(vit_b32_checkpoint: Path) -> None
     assert model.info.parameters == clipserve.load(str(vit_b32_checkpoint)).info.parameters
 
 
+def test_quantised_rows_are_a_plain_uint8_tensor() -> None:
+    """Rows quantised eagerly are ordinary uint8 (a `.view` of torch's quantised tensor kept its dispatch key,
+    and slicing or printing it crashed the process), rounded half to even like the compiled path."""
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.uint8 and q.shape == (40, 96) and not q.is_quantized
+    expected = torch.round(x * (127.0 / x.abs().amax(dim=1, keepdim=True))) + ACTIVATION_ZERO_POINT
+    assert torch.equal(q.int(), expected.int())
+    assert torch.allclose(scale, x.abs().amax(dim=1, keepdim=True) / 127.0)
+    linear = Int8Linear(torch.randn(24, 96), None)
+    part = q[5:9].clone()  # the rows of a slice multiply like the same rows of the whole
+    assert torch.equal(linear.gemm(part), linear.gemm(q)[5:9])
+    assert "uint8" in repr(q[:2])
+
+
 def test_int8_embeddings_do_not_depend_on_batch_mates(tiny_checkpoint: Path, photos: list[bytes]) -> None:
     """Activations are quantised per row: an item embeds the same alone, in any batch, at any padding."""
     model = clipserve.load(str(tiny_checkpoint), precision="int8")
@@ -208,13 +223,20 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
     assert type(compiled.module.visual).__name__ == "BatchDynamicTower"
     assert hasattr(compiled.module.text.encode_trimmed, "_torchdynamo_orig_callable")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    pixels = torch.randn(5, 3, 32, 32)
-    for batch in (2, 5, 1):
-        torch.testing.assert_close(
-            compiled.encode_pixels(pixels[:batch]), eager.encode_pixels(pixels[:batch]), atol=1e-5, rtol=1e-5
-        )
+
+    def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+        if precision == "fp32":
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        else:
+            # Inductor's fused LayerNorm and GELU differ from eager's in the last bit, which now and then moves
+            # a value across an int8 rounding boundary: one quantisation step of one element, not bit-exact.
+            assert F.cosine_similarity(actual, expected).min() >= 0.9999
+
+    pixels = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for batch in (2, 20, 1):
+        assert_same(compiled.encode_pixels(pixels[:batch]), eager.encode_pixels(pixels[:batch]))
     for prompts in (PROMPTS, ["a", "b c"], ["a b c d e f"]):
-        torch.testing.assert_close(compiled.encode_text(prompts), eager.encode_text(prompts), atol=1e-5, rtol=1e-5)
+        assert_same(compiled.encode_text(prompts), eager.encode_text(prompts))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # all compiled by `load`
     with pytest.raises(ValueError, match="compile=True needs backend='torch'"):
         clipserve.load(str(tiny_checkpoint), backend="onnx", compile=True)

@@ -50,7 +50,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # even) as the eager op below, which has no lowering.
         q = scaled.round_().add_(ACTIVATION_ZERO_POINT).to(torch.uint8)
     else:
-        q = torch.quantize_per_tensor(scaled, 1.0, ACTIVATION_ZERO_POINT, torch.quint8).view(torch.uint8)
+        quantised = torch.quantize_per_tensor(scaled, 1.0, ACTIVATION_ZERO_POINT, torch.quint8)
+        # The same bytes as a plain uint8 tensor, without a copy. Not `.view(torch.uint8)`: that view keeps the
+        # quantised dispatch key, and ordinary ops on it (slicing, printing) fail or crash the process.
+        q = torch.empty(0, dtype=torch.uint8).set_(quantised.untyped_storage(), 0, quantised.shape, quantised.stride())
     return q, absmax.div_(127.0)
 
 
