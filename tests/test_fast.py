@@ -8,6 +8,8 @@ checked with the batch mean removed from both sides (`centred_cosine`), and on t
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +473,38 @@ def test_thread_plan_decodes_between_batches_on_cpu_and_ahead_on_a_gpu() -> None
     assert ThreadPlan.for_device("cpu", 2) == ThreadPlan(decode_workers=2, overlap=False)
     assert ThreadPlan.for_device("cuda", 16) == ThreadPlan(decode_workers=15, overlap=True)
     assert ThreadPlan.for_device("cuda", 1) == ThreadPlan(decode_workers=1, overlap=True)
+
+
+FAULTS_PER_ROUND = """
+import itertools, resource, sys, torch, clipserve
+
+sizes = itertools.count(4 << 20, 4096)  # floats; every round a little larger, as batch shapes vary
+
+def faults_per_round() -> float:
+    faults = []
+    for _ in range(8):  # 3 blocks of activations (16 MiB and up) allocated, touched and freed
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [torch.empty(next(sizes)).fill_(1.0) for _ in range(3)]
+        del blocks
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    return sum(faults[4:]) / 4  # once the heap has settled
+
+before = faults_per_round()
+clipserve.load(sys.argv[1], precision="fp32")
+print(before, faults_per_round())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator: Linux only")
+def test_loading_on_cpu_keeps_freed_memory_for_the_next_batch(tiny_checkpoint: Path) -> None:
+    """In a fresh process (the setting is process-wide): glibc returns freed activations to the OS and faults
+    them in again on the next allocation, until `load` has it keep them (`retain_freed_memory`)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_ROUND, str(tiny_checkpoint)], capture_output=True, text=True, check=True
+    )
+    before, after = map(float, out.stdout.split())
+    assert before > 10_000  # each block larger than glibc's dynamic mmap threshold: mapped, faulted, unmapped
+    assert after < 500  # the heap grows by the few new pages only
 
 
 def test_uint8_buffer_is_written_in_place(tiny_model, photos: list[bytes]) -> None:

@@ -4,15 +4,53 @@
 * Length-sorted text batches: prompts of similar length share a batch, so each batch is trimmed to a short
   longest row (the towers' trim is exact: causal mask / key mask).
 * uint8 -> float normalisation on the model side, in torchvision's arithmetic, from the decode buffer.
+* glibc's allocator told to keep freed memory for the next batch (`retain_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import logging
 import os
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# mallopt(3) parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+RETAINED_MIB = 256  # freed memory glibc keeps at the top of its heaps instead of returning it to the OS
+MMAP_MIB = 32  # allocations from this size up still get their own mapping, returned to the OS when freed
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Have glibc keep up to `RETAINED_MIB` of freed memory for reuse (process-wide, once; False where the C
+    library is not glibc).
+
+    A CPU forward pass allocates and frees tens of MiB of activations per block. By default glibc returns the
+    top of its heap to the OS whenever more than twice its (dynamic) mmap threshold is free there, so the next
+    block's activations fault every page in again. ViT-B/32 int8 compiled, batch 32, on a 2-core Xeon: 6-17k
+    page faults per batch (~400 ms) by default, 0.1-2k with this; a fault costs ~2 us there (160k faults per
+    batch, forced with small fixed thresholds, took the batch from 400 to 720 ms), so this saves 3-9% of the
+    model's time; peak RSS unchanged, since the memory was in use a moment before. jemalloc and tcmalloc, which
+    CPU inference guides preload for this, keep freed memory the same way.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        done = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_MIB << 20) == 1  # also fixes the threshold (no dynamic one)
+        done = libc.mallopt(_M_TRIM_THRESHOLD, RETAINED_MIB << 20) == 1 and done
+    except (OSError, AttributeError):
+        return False
+    log.debug("glibc malloc keeps up to %d MiB of freed memory for reuse", RETAINED_MIB)
+    return done
 
 
 def available_cores() -> int:

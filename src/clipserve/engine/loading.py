@@ -17,6 +17,7 @@ from clipserve.config import (
     model_config_from_open_clip,
     preprocess_config_from_open_clip,
 )
+from clipserve.engine.fast import retain_freed_memory
 from clipserve.engine.linears import pack_fp32_linears
 from clipserve.engine.model import PRECISIONS, Model
 from clipserve.engine.quantize import INT8, int8_rows_available, quantize_int8
@@ -329,6 +330,8 @@ def load(
         raise ValueError(f"compile=True needs backend='torch', not {backend!r}")
     if compile and precision == INT8 and not int8_rows_available():
         raise ValueError("compile=True with precision='int8' needs oneDNN's int8 Linear, which this torch lacks")
+    if torch.device(device).type == "cpu":
+        retain_freed_memory()
     resolved = resolve(str(source), checkpoint)
     parameters = sum(t.numel() for t in resolved.state.values())
     module = _build_runtime(resolved, device, precision, backend, compile)
