@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from encode import gemm_floors, photos_jpeg
+from encode import cpu_name, gemm_floors, photos_jpeg
 from serve_load import random_model
 
 from clipserve.engine.fast import ThreadPlan
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.model} {args.precision}{' compile' if args.compile else ''} batch {args.batch}, "
           f"{'fast' if args.fast_decode else 'exact'} decode on {plan.decode_workers} threads "
-          f"({'overlapped' if plan.overlap else 'in bursts'}), {platform.processor() or platform.machine()}")  # fmt: skip
+          f"({'overlapped' if plan.overlap else 'in bursts'}), {cpu_name()}")  # fmt: skip
     for name, s in seconds.items():
         print(f"  {name:28s} {s * 1e3:8.1f} ms/batch  {args.batch / s:8.1f} images/s")
     print(f"  model forward by op kind (profiled, {by_kind['wall'] * 1e3:.1f} ms/batch under the profiler):")
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "bench" / "results" / f"breakdown-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({
         "args": vars(args),
+        "cpu": cpu_name(),
         "cores": torch.get_num_threads(),
         "torch": torch.__version__,
         "decode_workers": plan.decode_workers,

@@ -8,7 +8,9 @@ Random weights (open_clip 3.3.0's architectures, randomised like tests/checkpoin
 items/s (median of `--repeats` timed runs after one warm-up; the runs of one workload's paths interleave, round
 by round, so that the machine's drift reaches them alike), the process's RSS and peak RSS, the cosine to fp32
 open_clip (min over the distinct inputs) and the same cosine with the batch mean removed (random weights make
-all embeddings nearly parallel), and the ratio to the best peer. At image batch 32 it also times "floor" rows,
+all embeddings nearly parallel), and the ratio to the best peer. All paths share the process's allocator:
+the first `clipserve.load` on a CPU has glibc keep freed memory (`fast.retain_freed_memory`), so the peers run
+with that too (what it gains: `--glibc-default`, in another run). At image batch 32 it also times "floor" rows,
 in the same rounds: one batch's Linear GEMMs alone per kernel (`gemm_floors`), what bounds each path; end to
 end, "decode only" rows time the decoding and preprocessing alone, inline. `--device cuda` times the GPU
 paths (fp32, bf16, fp16, bf16 compiled with CUDA graphs) against open_clip and transformers on the GPU, with
@@ -502,6 +504,7 @@ class Bench:
                         "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                         "loadavg_start": self.load_start,
                         "loadavg_end": load_end,
+                        "glibc_keeps_freed_memory": not self.args.glibc_default and self.device.type == "cpu",
                     },
                     "rows": [asdict(r) for r in self.rows],
                 },
@@ -625,7 +628,14 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=20.0, help="skip cells predicted slower than this (s/run)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--glibc-default", action="store_true",
+        help="leave glibc's allocator as it is: clipserve.load otherwise has it keep freed memory "
+        "(`retain_freed_memory`), for every path of this process, peers included",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.glibc_default:
+        mock.patch("clipserve.engine.loading.retain_freed_memory", lambda: False).start()
     args.models = [m for m in args.models.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.paths = [p for p in args.paths.split(",") if p]

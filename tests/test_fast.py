@@ -224,6 +224,9 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
     compiled = clipserve.load(str(tiny_checkpoint), precision=precision, compile=True)
     assert type(compiled.module.visual).__name__ == "BatchDynamicTower"
     assert hasattr(compiled.module.text.encode_trimmed, "_torchdynamo_orig_callable")
+    if precision == "fp32":  # oneDNN's packed Linear stays under compile (an opaque op), not torch's default GEMM
+        assert onednn_linear_available()
+        assert any(isinstance(m, OneDNNLinear) for m in compiled.module.modules())
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -224,7 +224,7 @@ def _build_runtime(
     module = build_module(resolved.model_cfg, resolved.state, resolved.source, dtype).to(device)
     if precision == INT8:
         module = quantize_int8(module)
-    elif precision == "fp32" and not compile:  # inductor packs fp32 weights itself (it cannot lower oneDNN's)
+    elif precision == "fp32":
         module = pack_fp32_linears(module)
     return compile_towers(module) if compile else module
 
