@@ -198,9 +198,9 @@ class Model:
         all cores, between batches, so that decoding never takes a core from the model; with a GPU all cores
         but one, decoding the next batch while the GPU runs the current one); pixels go from the decoder into
         one uint8 batch buffer, which is moved to the model's device and normalised there with the exact
-        preprocessing arithmetic. `fast_decode=True` decodes JPEGs at
-        reduced size (`open_image(draft_size=...)`) and resizes with torch instead of Pillow, on the model's
-        device when that is not the CPU: several times less CPU work per image, not bit-exact.
+        preprocessing arithmetic. `fast_decode=True` decodes JPEGs at reduced size (`open_image(draft_size=...)`)
+        and resizes with torch instead of Pillow, on the model's device when that is not the CPU: several times
+        less CPU work per image, not bit-exact.
         """
         if isinstance(images, torch.Tensor):
             return self.encode_pixels(images, normalize)
