@@ -24,8 +24,18 @@ from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorte
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
 from clipserve.engine.loading import build_module, resolve
 from clipserve.engine.pipeline import DecodePool
-from clipserve.engine.quantize import ACTIVATION_ZERO_POINT, Int8Linear, int8_rows_available, quantize_rows
+from clipserve.engine.quantize import (
+    ACTIVATION_FLOOR,
+    ACTIVATION_ZERO_POINT,
+    Int8Linear,
+    Int8MLP,
+    Int8PatchEmbedding,
+    int8_rows_available,
+    quantize_int8,
+    quantize_rows,
+)
 from clipserve.io.images import ImageError
+from clipserve.models.layers import MLP, QuickGELU
 
 PROMPTS = [
     "a photo of an astronaut.",
@@ -129,8 +139,10 @@ def test_int8_quantises_every_block_projection(vit_b32_checkpoint: Path) -> None
     attentions = [m for m in model.module.modules() if isinstance(m, ProjectedAttention)]
     assert len(attentions) == 24  # 12 vision + 12 text blocks, packed q/k/v included
     assert all(type(a.qkv) is Int8Linear for a in attentions)
-    float_linears = [n for n, m in model.module.named_modules() if type(m) is torch.nn.Linear]
-    assert float_linears == []
+    assert len([m for m in model.module.modules() if type(m) is Int8MLP]) == 24
+    assert type(model.module.visual.conv1) is Int8PatchEmbedding
+    float_layers = [n for n, m in model.module.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    assert float_layers == []
     assert model.info.parameters == clipserve.load(str(vit_b32_checkpoint)).info.parameters
 
 
@@ -147,6 +159,50 @@ def test_quantised_rows_are_a_plain_uint8_tensor() -> None:
     part = q[5:9].clone()  # the rows of a slice multiply like the same rows of the whole
     assert torch.equal(linear.gemm(part), linear.gemm(q)[5:9])
     assert "uint8" in repr(q[:2])
+
+
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), QuickGELU()])
+def test_int8_mlp_bound_covers_every_activation_value(act: torch.nn.Module) -> None:
+    """`Int8MLP` quantises act(h) by max(max h, ACTIVATION_FLOOR): no value of the activation may exceed it."""
+    x = torch.linspace(-30, 30, 600_001, dtype=torch.float64)
+    y = act(x)
+    assert (y.abs() <= torch.clamp(x, min=ACTIVATION_FLOOR)).all()
+    assert y.min() < -0.16  # the floor is tight, not a wide margin
+
+
+def test_int8_mlp_matches_the_float_mlp_and_rejects_unbounded_activations() -> None:
+    torch.manual_seed(0)
+    mlp = MLP(64, 256, quick_gelu=False).eval()
+    x = torch.randn(3, 10, 64) * 3
+    with torch.inference_mode():
+        expected, got = mlp(x), Int8MLP(mlp)(x)
+    assert got.shape == expected.shape
+    assert (got - expected).norm() / expected.norm() < 0.02
+    # a row whose pre-activations are all below the floor quantises against the floor, not a zero range
+    with torch.inference_mode():
+        quiet = torch.full((1, 64), -5.0)
+        torch.testing.assert_close(Int8MLP(mlp)(quiet), mlp(quiet), atol=0.05, rtol=0.05)
+    mlp.gelu = torch.nn.SiLU()  # dips to -0.28: the bound would clip it
+    with pytest.raises(TypeError, match="bounded below"):
+        Int8MLP(mlp)
+    swapped = quantize_int8(torch.nn.Sequential(mlp))
+    assert type(swapped[0]) is MLP and type(swapped[0].c_fc) is Int8Linear  # per-row Linears instead
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_patch_embedding_is_the_patch_convolution(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 48, kernel_size=8, stride=8, bias=False)
+    pixels = torch.randn(2, 3, 36, 36)  # 4 pixels past the last whole patch, which the convolution ignores
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected, got = conv(pixels), Int8PatchEmbedding(conv)(pixels)
+    assert got.shape == expected.shape == (2, 48, 4, 4)
+    assert (got - expected).norm() / expected.norm() < 0.02
+    assert got.flatten(2).transpose(1, 2).is_contiguous()  # tokens [B, g*g, W] without a copy
+    with pytest.raises(ValueError, match="patchifying convolution"):
+        Int8PatchEmbedding(torch.nn.Conv2d(3, 8, kernel_size=8, stride=4, bias=False))
 
 
 def test_int8_embeddings_do_not_depend_on_batch_mates(tiny_checkpoint: Path, photos: list[bytes]) -> None:

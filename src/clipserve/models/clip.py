@@ -32,7 +32,7 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return self.visual.class_embedding.dtype
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(pixels.to(self.dtype))
