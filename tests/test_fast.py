@@ -27,9 +27,11 @@ from clipserve.engine.pipeline import DecodePool
 from clipserve.engine.quantize import (
     ACTIVATION_FLOOR,
     ACTIVATION_ZERO_POINT,
+    BF16Attention,
     Int8Linear,
     Int8MLP,
     Int8PatchEmbedding,
+    bf16_attention,
     int8_rows_available,
     quantize_int8,
     quantize_rows,
@@ -203,6 +205,31 @@ def test_int8_patch_embedding_is_the_patch_convolution(channels_last: bool) -> N
     assert got.flatten(2).transpose(1, 2).is_contiguous()  # tokens [B, g*g, W] without a copy
     with pytest.raises(ValueError, match="patchifying convolution"):
         Int8PatchEmbedding(torch.nn.Conv2d(3, 8, kernel_size=8, stride=4, bias=False))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_matches_scaled_dot_product_attention(causal: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=generator) * 2 for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    got = bf16_attention(q, k, v.bfloat16(), causal)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert (got.float() - expected).norm() / expected.norm() < 1e-2
+    torch.library.opcheck(bf16_attention, (q, k, v.bfloat16(), causal))  # the fake kernel agrees (compile)
+
+
+@pytest.mark.parametrize(("flags", "bf16_products"), [({"avx512_vnni", "avx512_bf16"}, True), ({"avx512_vnni"}, False)])
+def test_int8_attention_products_follow_bf16_dot_product_support(
+    vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes], monkeypatch, flags: set[str], bf16_products: bool
+) -> None:
+    monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
+    model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
+    bf16 = [m for m in model.module.modules() if type(m) is BF16Attention]
+    assert len(bf16) == (24 if bf16_products else 0)  # 12 vision + 12 text (causal) blocks
+    ref_image, ref_text = vit_b32_reference
+    image, text = model.encode_image(photos), model.encode_text(PROMPTS)
+    assert cosine(image, ref_image).min() >= 0.995 and centred_cosine(image, ref_image).min() >= 0.95
+    assert cosine(text, ref_text).min() >= 0.995 and centred_cosine(text, ref_text).min() >= 0.95
 
 
 def test_int8_embeddings_do_not_depend_on_batch_mates(tiny_checkpoint: Path, photos: list[bytes]) -> None:

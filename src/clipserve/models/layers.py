@@ -55,8 +55,13 @@ class Attention(nn.Module):
         qkv = self.in_projection(x)  # [B, L, 3W]
         # [B, L, 3, H, Dh] -> 3 x [B, H, L, Dh]
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = self.attend(q, k, v, causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Scaled dot-product attention, q, k, v [B, H, L, Dh] -> [B, H, L, Dh]; a method so that fast
+        variants can replace it."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 class MLP(nn.Module):
