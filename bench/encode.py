@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +49,7 @@ sys.path.insert(
 
 from checkpoint_factory import randomize, write_open_clip_dir, write_xlmr_tokenizer_json  # noqa: E402
 from oracles import open_clip, transformers  # noqa: E402
+from serve_load import scratch_dir  # noqa: E402
 
 import clipserve  # noqa: E402
 from clipserve.engine import linears, quantize  # noqa: E402
@@ -152,7 +152,7 @@ class Bench:
         self.rows: list[Row] = []
         self.photos = photos_jpeg()
         self.device = torch.device(args.device)
-        self.tmp = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
+        self.tmp = scratch_dir()
         os.environ.setdefault("CLIPSERVE_CACHE", str(self.tmp / "cache"))
         self.per_item: dict[tuple[str, str], float] = {}  # (model, path) -> seconds per item at batch 1
         self.pending: list[Cell] = []  # warmed-up cells of the current workload, timed by `flush`

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import platform
@@ -114,6 +115,17 @@ async def run_load(url: str, key: str, mode: str, model: str, concurrency: int, 
     )
 
 
+def scratch_dir() -> Path:
+    """A temporary directory for this process's files (a random ViT-B checkpoint is 0.6 GB, its ONNX exports
+    as much again), removed when the process exits."""
+    return Path(_scratch().name)
+
+
+@functools.cache
+def _scratch() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="clipserve-bench-")  # its finalizer removes it at exit
+
+
 def random_model(arch: str, device: str, precision: str, compile: bool):
     """A registry architecture with random weights, loaded like a checkpoint (so every precision works)."""
     from safetensors.torch import save_file
@@ -122,7 +134,7 @@ def random_model(arch: str, device: str, precision: str, compile: bool):
     from clipserve.models.clip import CLIP
     from clipserve.registry import architecture
 
-    path = Path(tempfile.mkdtemp(prefix="clipserve-bench-")) / "random.safetensors"
+    path = Path(tempfile.mkdtemp(dir=scratch_dir())) / "random.safetensors"  # its own directory: exports go beside it
     save_file(CLIP(architecture(arch)).init_weights(0).state_dict(), str(path))
     return clipserve.load(arch, checkpoint=str(path), device=device, precision=precision, compile=compile)
 
@@ -139,7 +151,7 @@ def start_server(args: argparse.Namespace) -> tuple[str, str, object, str]:
              else clipserve.load(args.model, device=args.device, precision=args.precision, compile=args.compile))
     alias = "bench"
     settings = ServerSettings(
-        host="127.0.0.1", port=args.port, state_dir=Path(args.state_dir or tempfile.mkdtemp(prefix="clipserve-bench-")),
+        host="127.0.0.1", port=args.port, state_dir=Path(args.state_dir or tempfile.mkdtemp(dir=scratch_dir())),
         auth=AuthSettings(api_keys=(KEY,)),
         batching=BatchSettings(args.max_batch_size, args.max_wait_ms, max_queue=4096, fast_decode=args.fast_decode),
         preprocess_workers=args.preprocess_workers,
