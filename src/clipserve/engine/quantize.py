@@ -132,6 +132,8 @@ class Int8MLP(nn.Module):
     act(max h) instead is as tight as the max but no faster: inductor re-evaluates that per-row erf in the
     inner loops of both its consumers.) ViT-B/32, batch 32, compiled, one block's LayerNorm + MLP + residual
     on a 2-core AVX-512 EPYC: 15.1 against 16.3 ms with `Int8Linear`s (median of 15 interleaved rounds).
+    With `Int8PatchEmbedding`, the whole ViT-B/32 (`bench/int8_ablation.py`, two runs): 109.4 against 102.1
+    and 108.2 against 99.3 images/s compiled, 110.6 against 104.3 and 105.0 against 97.2 eager.
     """
 
     def __init__(self, mlp: MLP) -> None:
@@ -176,9 +178,11 @@ def _bf16_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 class BF16Attention(ProjectedAttention):
     """Attention with int8 q/k/v and output projections and `bf16_attention` between them.
 
-    For CPUs with bf16 dot products (AVX-512 BF16, AMX). ViT-B/32, batch 32, int8 compiled, on a 2-core
-    AVX-512 BF16 EPYC: 337 against 361 ms a batch with torch's fp32 flash attention (median of 12
-    interleaved rounds in one process; all-bf16 logits gained 2% more, not taken for the reason above).
+    For CPUs with bf16 dot products (AVX-512 BF16, AMX). ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC,
+    against torch's fp32 flash attention (`bench/int8_ablation.py`, two runs): compiled 1.5-4% faster
+    (111.0 against 109.4 and 112.4 against 108.2 images/s), eager within noise (111.4 against 110.6, 101.1
+    against 105.0); centred cosine to fp32 0.99835 against 0.99840. bf16 logits too gained 2% more in a
+    scratch A/B, not taken for the reason above.
     """
 
     def __init__(self, attn: Attention) -> None:
