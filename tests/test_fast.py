@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipserve
+from clipserve.config import VisionConfig
 from clipserve.engine import loading, onnx_backend
 from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorted_chunks, normalise_uint8
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
@@ -27,6 +28,7 @@ from clipserve.engine.pipeline import DecodePool
 from clipserve.engine.quantize import (
     ACTIVATION_FLOOR,
     ACTIVATION_ZERO_POINT,
+    BF16_ATTENTION_MAX_TOKENS,
     BF16Attention,
     Int8Linear,
     Int8MLP,
@@ -38,6 +40,7 @@ from clipserve.engine.quantize import (
 )
 from clipserve.io.images import ImageError
 from clipserve.models.layers import MLP, QuickGELU
+from clipserve.models.vision import VisionTransformer
 
 PROMPTS = [
     "a photo of an astronaut.",
@@ -224,12 +227,26 @@ def test_int8_attention_products_follow_bf16_dot_product_support(
 ) -> None:
     monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
     model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
-    bf16 = [m for m in model.module.modules() if type(m) is BF16Attention]
-    assert len(bf16) == (24 if bf16_products else 0)  # 12 vision + 12 text (causal) blocks
+    bf16 = [m for m in model.module.visual.modules() if type(m) is BF16Attention]
+    assert len(bf16) == (12 if bf16_products else 0)  # ViT-B/32's 50 tokens; text keeps flash attention
+    assert not any(type(m) is BF16Attention for m in model.module.text.modules())
     ref_image, ref_text = vit_b32_reference
     image, text = model.encode_image(photos), model.encode_text(PROMPTS)
     assert cosine(image, ref_image).min() >= 0.995 and centred_cosine(image, ref_image).min() >= 0.95
     assert cosine(text, ref_text).min() >= 0.995 and centred_cosine(text, ref_text).min() >= 0.95
+
+
+@pytest.mark.parametrize(("image_size", "expected"), [(56, BF16Attention), (72, ProjectedAttention)])
+def test_bf16_attention_only_for_vits_of_few_tokens(image_size: int, expected: type) -> None:
+    """Materialised [L, L] logits beat flash attention at 50 tokens and lose at 197 (BF16_ATTENTION_MAX_TOKENS)."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(VisionConfig(image_size=image_size, patch_size=8, width=64, layers=1, head_width=32), 16)
+    for parameter in vit.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    tokens = (image_size // 8) ** 2 + 1  # 50 / 82
+    assert (tokens <= BF16_ATTENTION_MAX_TOKENS) == (expected is BF16Attention)
+    quantize_int8(vit, bf16_products=True)
+    assert type(vit.transformer.resblocks[0].attn) is expected
 
 
 def test_int8_embeddings_do_not_depend_on_batch_mates(tiny_checkpoint: Path, photos: list[bytes]) -> None:

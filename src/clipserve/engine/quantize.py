@@ -178,7 +178,8 @@ def _bf16_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 class BF16Attention(ProjectedAttention):
     """Attention with int8 q/k/v and output projections and `bf16_attention` between them.
 
-    For CPUs with bf16 dot products (AVX-512 BF16, AMX). ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC,
+    For CPUs with bf16 dot products (AVX-512 BF16, AMX), in ViTs of few tokens (`BF16_ATTENTION_MAX_TOKENS`,
+    where the reasons are). ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC,
     against torch's fp32 flash attention (`bench/int8_ablation.py`, two runs): compiled 1.5-4% faster
     (111.0 against 109.4 and 112.4 against 108.2 images/s), eager within noise (111.4 against 110.6, 101.1
     against 105.0); centred cosine to fp32 0.99835 against 0.99840. bf16 logits too gained 2% more in a
@@ -244,11 +245,18 @@ def dynamic_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.M
     return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
 
 
+# `bf16_attention` materialises each head's [L, L] logits in fp32: faster than torch's flash attention at
+# ViT-B/32's 50 tokens, slower at ViT-B/16's 197 (bench/int8_ablation.py on a 2-core AVX-512 BF16 EPYC,
+# batch 32, against Int8MLP and the int8 patch GEMM alone: 16.4 against 18.9 images/s eager, 18.9 against
+# 23.8 compiled). Text towers keep flash attention: their length varies per batch, and is unmeasured.
+BF16_ATTENTION_MAX_TOKENS = 64
+
+
 def quantize_int8(module: nn.Module, bf16_products: bool = False) -> nn.Module:
     """Quantise, in place, every Linear layer (and CLIP's packed attention projection) of a float32 module,
     and, where oneDNN's int8 Linear runs, the MLPs as `Int8MLP`, ViT patch convolutions as
-    `Int8PatchEmbedding` and, with `bf16_products` (for CPUs with bf16 dot products), attention's second
-    product in bf16 (`BF16Attention`).
+    `Int8PatchEmbedding` and, with `bf16_products` (for CPUs with bf16 dot products), the attention of ViTs
+    of at most `BF16_ATTENTION_MAX_TOKENS` tokens as `BF16Attention`.
 
     LayerNorms, attention's logits, the embeddings and the final projections stay in fp32 (a few percent of
     the FLOPs).
@@ -259,19 +267,30 @@ def quantize_int8(module: nn.Module, bf16_products: bool = False) -> nn.Module:
     if not int8_rows_available():  # the fallback's packed weights belong to torch's process-wide engine
         torch.backends.quantized.engine = quantized_engine()
         return swap_linears(module, dynamic_int8_linear)
-    swap_int8_blocks(module, bf16_products)
+    swap_int8_blocks(module)
+    if bf16_products:
+        for vit in [m for m in module.modules() if isinstance(m, VisionTransformer)]:
+            if vit.cfg.grid_size**2 + 1 <= BF16_ATTENTION_MAX_TOKENS:
+                use_bf16_attention(vit)
     return swap_linears(module, Int8Linear)
 
 
-def swap_int8_blocks(module: nn.Module, bf16_products: bool) -> None:
-    """Replace, in place, each `MLP` with a bounded activation by `Int8MLP`, each ViT `conv1` by
-    `Int8PatchEmbedding` and, with `bf16_products`, each CLIP `Attention` by `BF16Attention`."""
+def swap_int8_blocks(module: nn.Module) -> None:
+    """Replace, in place, each `MLP` with a bounded activation by `Int8MLP` and each ViT `conv1` by
+    `Int8PatchEmbedding`."""
     for name, child in list(module.named_children()):
         if type(child) is MLP and isinstance(child.gelu, BOUNDED_ACTIVATIONS):
             setattr(module, name, Int8MLP(child))
         elif isinstance(module, VisionTransformer) and name == "conv1":
             setattr(module, name, Int8PatchEmbedding(child))
-        elif type(child) is Attention and bf16_products:
+        else:
+            swap_int8_blocks(child)
+
+
+def use_bf16_attention(module: nn.Module) -> None:
+    """Replace, in place, each CLIP `Attention` in `module` by `BF16Attention`."""
+    for name, child in list(module.named_children()):
+        if type(child) is Attention:
             setattr(module, name, BF16Attention(child))
         else:
-            swap_int8_blocks(child, bf16_products)
+            use_bf16_attention(child)
