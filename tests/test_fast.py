@@ -7,6 +7,7 @@ checked with the batch mean removed from both sides (`centred_cosine`), and on t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -345,6 +346,15 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # all compiled by `load`
     with pytest.raises(ValueError, match="compile=True needs backend='torch'"):
         clipserve.load(str(tiny_checkpoint), backend="onnx", compile=True)
+
+
+def test_compile_cache_is_keyed_to_the_custom_ops_source() -> None:
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        loading.tag_compile_cache()
+        loading.tag_compile_cache()  # once only
+        assert torch.compiler.config.cache_key_tag == f"mine+clipserve-ops-{loading.custom_ops_digest()}"
+    source = b"".join(Path(m.__file__).read_bytes() for m in (loading.linears, loading.quantize))
+    assert loading.custom_ops_digest() == hashlib.sha256(source).hexdigest()[:16]
 
 
 def test_compiled_int8_needs_onednn_int8_linear(tiny_checkpoint: Path, monkeypatch) -> None:

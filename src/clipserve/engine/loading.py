@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from clipserve.config import (
     model_config_from_open_clip,
     preprocess_config_from_open_clip,
 )
+from clipserve.engine import linears, quantize
 from clipserve.engine.fast import retain_freed_memory
 from clipserve.engine.linears import pack_fp32_linears
 from clipserve.engine.model import PRECISIONS, Model
@@ -284,6 +287,29 @@ class BatchDynamicTower(torch.nn.Module):
             return getattr(self.compiled, name)
 
 
+@functools.cache
+def custom_ops_digest() -> str:
+    """A digest of the sources that define clipserve's custom ops (`clipserve::int8_gemm`, ...)."""
+    digest = hashlib.sha256()
+    for module in (linears, quantize):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tag_compile_cache() -> None:
+    """Key torch.compile's on-disk caches (process-wide) to this version of clipserve's custom ops.
+
+    A cached graph keeps what an op's fake kernel said of its output (shape, strides), and inductor's cache key
+    covers the op's name, not its Python source: after a clipserve change to a fake kernel, the old graph would
+    load and fail its stride checks on the first call (seen while changing `bf16_attention`'s). A user's own
+    `torch.compiler.config.cache_key_tag` is kept, with this tag appended.
+    """
+    tag = f"clipserve-ops-{custom_ops_digest()}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+
+
 def compile_towers(module: CLIP) -> CLIP:
     """`torch.compile` both towers in place: images with a dynamic batch, texts with dynamic batch and length.
 
@@ -292,6 +318,7 @@ def compile_towers(module: CLIP) -> CLIP:
     between GEMMs (int8: the per-row quantisation into the LayerNorm or GELU before it). Off by default, as it
     compiles for a minute or more at load (`Model.warm_up`). See the README for what it gains.
     """
+    tag_compile_cache()
     mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
     module.visual = BatchDynamicTower(module.visual, mode)
     # The text towers trim each batch to its longest row first, reading a value: that stays eager.
