@@ -521,8 +521,9 @@ def gemm_floors(name: str, batch: int = 32, device: torch.device | None = None) 
     could reach if all its other work were free (attention products and patch embedding are ~5% of its
     FLOPs). Kernels: fp32 through MKL (`addmm`) and oneDNN packed weights; int8 as `precision="int8"` runs it
     (quantising each row, then the GEMM), the same with one scale per batch (torch.ao's dynamic Linear), and
-    oneDNN's int8 GEMM alone on inputs quantised beforehand; on a GPU, cuBLAS in fp32, bf16 and fp16. What
-    bounds each path here."""
+    the int8 GEMMs alone on inputs quantised beforehand: oneDNN's (what clipserve runs), `torch._int_mm` and
+    ONNX Runtime's MatMulInteger (MLAS), to show whether another kernel would lower the floor; on a GPU, cuBLAS
+    in fp32, bf16 and fp16. What bounds each path here."""
     from clipserve.engine.linears import OneDNNLinear, onednn_linear_available
     from clipserve.engine.quantize import (
         Int8Linear,
@@ -545,21 +546,54 @@ def gemm_floors(name: str, batch: int = 32, device: torch.device | None = None) 
         linear = Int8Linear(w, b)
         return lambda q: linear.gemm(q)
 
-    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-        "fp32 addmm (MKL)": lambda w, b: lambda x: torch.addmm(b, x, w.t()),
-        "int8 per-batch dynamic Linear": dynamic_int8_linear,
+    def int_mm_only(w: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        w_t = torch.randint(-127, 128, w.shape, dtype=torch.int8).t()  # s8 x s8 -> int32
+        return lambda q: torch._int_mm(q, w_t)
+
+    def ort_matmul_integer_only(w: torch.Tensor, b: torch.Tensor) -> Callable[[np.ndarray], object]:
+        import onnx.helper as h
+        import onnxruntime as ort
+        from onnx import TensorProto, numpy_helper
+
+        n, k = w.shape
+        weight = numpy_helper.from_array(np.random.randint(-127, 128, (k, n), dtype=np.int8), "W")
+        zero_point = numpy_helper.from_array(np.array(128, dtype=np.uint8), "zp")
+        graph = h.make_graph(
+            [h.make_node("MatMulInteger", ["X", "W", "zp"], ["Y"])], "gemm",
+            [h.make_tensor_value_info("X", TensorProto.UINT8, [None, k])],
+            [h.make_tensor_value_info("Y", TensorProto.INT32, [None, n])], [weight, zero_point],
+        )  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        # one session per shape, each with its own thread pool: spinning pools would contend for the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(
+            h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString(), options,
+            providers=["CPUExecutionProvider"],
+        )  # fmt: skip
+        return lambda q: session.run(None, {"X": q})
+
+    def rows_u8(x: torch.Tensor) -> torch.Tensor:
+        return quantize_rows(x)[0]
+
+    # kernel -> (build it from weight and bias, the input it takes from float rows: prepared untimed)
+    Kernel = tuple[Callable[[torch.Tensor, torch.Tensor], Callable], Callable[[torch.Tensor], object]]
+    kernels: dict[str, Kernel] = {
+        "fp32 addmm (MKL)": (lambda w, b: lambda x: torch.addmm(b, x, w.t()), lambda x: x),
+        "int8 per-batch dynamic Linear": (dynamic_int8_linear, lambda x: x),
     }
     if onednn_linear_available():
-        kernels["fp32 oneDNN packed"] = lambda w, b: OneDNNLinear(w, b)
+        kernels["fp32 oneDNN packed"] = (OneDNNLinear, lambda x: x)
     if int8_rows_available():
-        kernels["int8 per-row Linear"] = Int8Linear
-        kernels["int8 oneDNN GEMM alone"] = int8_gemm_only
+        kernels["int8 per-row Linear"] = (Int8Linear, lambda x: x)
+        kernels["int8 oneDNN GEMM alone"] = (int8_gemm_only, rows_u8)
+    kernels["int8 torch._int_mm alone"] = (int_mm_only, lambda x: (rows_u8(x).to(torch.int16) - 128).to(torch.int8))
+    kernels["int8 ORT MatMulInteger alone"] = (ort_matmul_integer_only, lambda x: rows_u8(x).numpy())
 
-    def floor(make: Callable, quantised: bool) -> Callable[[list], None]:
+    def floor(make: Callable, prepare: Callable) -> Callable[[list], None]:
         gemms = []
         for k, n in shapes:
-            x = torch.randn(rows, k)
-            gemms.append((make(torch.randn(n, k), torch.randn(n)), quantize_rows(x)[0] if quantised else x))
+            gemms.append((make(torch.randn(n, k), torch.randn(n)), prepare(torch.randn(rows, k))))
 
         def run(_: list) -> None:
             for _ in range(layers):
@@ -568,7 +602,7 @@ def gemm_floors(name: str, batch: int = 32, device: torch.device | None = None) 
 
         return run
 
-    return {kernel: floor(make, kernel == "int8 oneDNN GEMM alone") for kernel, make in kernels.items()}
+    return {kernel: floor(make, prepare) for kernel, (make, prepare) in kernels.items()}
 
 
 def cuda_floor(

@@ -130,10 +130,9 @@ class Int8MLP(nn.Module):
     in the quantising pass. It exceeds the measured max by the factor 1 / Phi(max h) (GELU): 0.1% for a row
     whose largest pre-activation is 3, 2% at 2; those rows quantise that much coarser. (Bounding by
     act(max h) instead is as tight as the max but no faster: inductor re-evaluates that per-row erf in the
-    inner loops of both its consumers.) ViT-B/32, batch 32, compiled, one block's LayerNorm + MLP + residual
-    on a 2-core AVX-512 EPYC: 15.1 against 16.3 ms with `Int8Linear`s (median of 15 interleaved rounds).
-    With `Int8PatchEmbedding`, the whole ViT-B/32 (`bench/int8_ablation.py`, two runs): 109.4 against 102.1
-    and 108.2 against 99.3 images/s compiled, 110.6 against 104.3 and 105.0 against 97.2 eager.
+    inner loops of both its consumers.) With `Int8PatchEmbedding`, ViT-B/32 batch 32 on a 2-core AVX-512
+    EPYC (`bench/int8_ablation.py`, two runs): 109.4 against 102.1 and 108.2 against 99.3 images/s compiled,
+    110.6 against 104.3 and 105.0 against 97.2 eager, against `Int8Linear`s alone.
     """
 
     def __init__(self, mlp: MLP) -> None:
@@ -182,8 +181,8 @@ class BF16Attention(ProjectedAttention):
     where the reasons are). ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC,
     against torch's fp32 flash attention (`bench/int8_ablation.py`, two runs): compiled 1.5-4% faster
     (111.0 against 109.4 and 112.4 against 108.2 images/s), eager within noise (111.4 against 110.6, 101.1
-    against 105.0); centred cosine to fp32 0.99835 against 0.99840. bf16 logits too gained 2% more in a
-    scratch A/B, not taken for the reason above.
+    against 105.0); centred cosine to fp32 0.99835 against 0.99840. bf16 logits as well were faster still
+    in a scratch timing, not taken for the reason above.
     """
 
     def __init__(self, attn: Attention) -> None:
@@ -198,8 +197,8 @@ class Int8PatchEmbedding(nn.Module):
 
     Each patch is a row of p*p*3 pixels, quantised per row like any Linear input. Returns the convolution's
     [B, W, g, g] as a view of the GEMM's [B, g, g, W] rows, which the tower flattens to tokens without a copy.
-    ViT-B/32, batch 32, on a 2-core AVX-512 EPYC, patches to tokens: 8.2 ms compiled (10.4 eager) against
-    27.4 ms for the fp32 convolution (median of 10 interleaved rounds); relative error 0.6%, as a Linear's.
+    The fp32 convolution it replaces took 20 ms of a 344 ms ViT-B/32 batch (compiled int8, batch 32,
+    `bench/breakdown.py`); the tokens' relative error is a Linear's (tested below 2%).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
