@@ -1,13 +1,19 @@
-"""What each part of precision="int8" gains, measured in one process: the same ViT with int8 built three ways.
+"""What each part of precision="int8" gains, measured in one process: the same ViT with int8 built five ways.
 
-- "Linear layers only": every Linear (packed q/k/v included) an `Int8Linear`; the MLP quantises its GELU
-  output by its measured row max, the patch convolution stays fp32, attention is torch's fp32 flash attention;
-- "+ Int8MLP, int8 patch GEMM": `quantize_int8(..., bf16_products=False)`;
-- "+ bf16 attention products": `quantize_int8(..., bf16_products=True)`, what `load` builds on CPUs with bf16
-  dot products.
+- "Linear layers only, every token through the last block": every Linear (packed q/k/v included) an
+  `Int8Linear`; the MLP quantises its GELU output by its measured row max, the patch convolution stays fp32,
+  attention is torch's fp32 flash attention; the last block computes every token's output, as open_clip does;
+- "Linear layers only": the same, with the last block computing the class token's output alone (what every
+  precision runs);
+- "+ Int8MLP, int8 patch GEMM": `quantize_int8(...)`;
+- "+ uint8 pixels, normalisation folded": `quantize_int8(..., pixels=...)`, what `load` builds eager: the
+  patch GEMM takes the decoder's uint8 pixels, which the variants above take normalised;
+- "+ bf16 attention products": `quantize_int8(..., bf16_products=True, pixels=...)`, what `load` builds with
+  `compile=True` on CPUs with bf16 dot products.
 
-Random weights (seeded), one random uint8 batch normalised as the server does, eager and with `compile=True`;
-the variants' timed runs interleave round by round so that the VM's drift reaches them alike. Prints images/s
+Random weights (seeded), one random uint8 batch as the decoders leave it, which each timed call turns into the
+tower's input as `Model.encode_uint8` does (`normalise_uint8`, or as it is); eager and with `compile=True`.
+The variants' timed runs interleave round by round so that the VM's drift reaches them alike. Prints images/s
 (median) and the centred cosine to the fp32 tower; writes bench/results/int8-ablation-<host>-<time>.json.
 
     .venv/bin/python -u bench/int8_ablation.py --model ViT-B-32 --batch 32 --rounds 10
@@ -27,23 +33,36 @@ import torch
 import torch.nn.functional as F
 from encode import cpu_name
 
+from clipserve.config import PreprocessConfig
 from clipserve.engine.fast import normalise_uint8, retain_freed_memory
 from clipserve.engine.linears import swap_linears
 from clipserve.engine.loading import compile_towers
-from clipserve.engine.quantize import Int8Linear, quantize_int8
+from clipserve.engine.quantize import Int8Linear, quantize_int8, takes_uint8_pixels
 from clipserve.models.clip import CLIP
 from clipserve.registry import architecture
 
 ROOT = Path(__file__).resolve().parent.parent
-# CLIP's normalisation (the values only scale the random batch)
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+PIXELS = PreprocessConfig()  # CLIP's normalisation (the values only scale the random batch)
+
+
+def every_token_through_last_block(model: CLIP) -> CLIP:
+    """The image tower as open_clip runs it: the last block computes every token's output, not just the
+    class token's (`Transformer.forward`'s `pooled_tokens` dropped)."""
+    transformer = model.visual.transformer
+    forward = transformer.forward
+    transformer.forward = lambda x, causal=False, pooled_tokens=None: forward(x, causal)
+    return model
 
 
 def variants(base: CLIP, compile: bool) -> dict[str, CLIP]:
     built = {
+        "Linear layers only, every token through the last block": every_token_through_last_block(
+            swap_linears(copy.deepcopy(base), Int8Linear)
+        ),
         "Linear layers only": swap_linears(copy.deepcopy(base), Int8Linear),
         "+ Int8MLP, int8 patch GEMM": quantize_int8(copy.deepcopy(base), bf16_products=False),
-        "+ bf16 attention products": quantize_int8(copy.deepcopy(base), bf16_products=True),
+        "+ uint8 pixels, normalisation folded": quantize_int8(copy.deepcopy(base), pixels=PIXELS),
+        "+ bf16 attention products": quantize_int8(copy.deepcopy(base), bf16_products=True, pixels=PIXELS),
     }
     return {name: compile_towers(module) if compile else module for name, module in built.items()}
 
@@ -59,22 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     size = base.cfg.vision.image_size
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8, generator=generator)
-    pixels = normalise_uint8(batch, MEAN, STD)
+
+    def encode_uint8(model: CLIP) -> torch.Tensor:
+        """`Model.encode_uint8` without the `Model`."""
+        if takes_uint8_pixels(model):
+            return model.encode_image(batch.permute(0, 3, 1, 2))
+        return model.encode_image(normalise_uint8(batch, PIXELS.mean, PIXELS.std))
+
     result: dict[str, dict[str, dict[str, float]]] = {}
     with torch.inference_mode():
-        reference = base.encode_image(pixels)
+        reference = base.encode_image(normalise_uint8(batch, PIXELS.mean, PIXELS.std))
         for mode in ("eager", "compiled"):
             models = variants(base, compile=mode == "compiled")
             times: dict[str, list[float]] = {name: [] for name in models}
             cosines = {}
             for name, model in models.items():  # warm-up (compiles) and cosine
-                out = model.encode_image(pixels)
+                out = encode_uint8(model)
                 centred = F.cosine_similarity(out - out.mean(0), reference - reference.mean(0))
                 cosines[name] = float(centred.min())
             for _ in range(args.rounds):
                 for name, model in models.items():
                     start = time.perf_counter()
-                    model.encode_image(pixels)
+                    encode_uint8(model)
                     times[name].append(time.perf_counter() - start)
             result[mode] = {
                 name: {
@@ -84,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, ts in times.items()
             }
             for name, row in result[mode].items():
-                print(f"{args.model} batch {args.batch} {mode:8s} {name:28s} {row['images_per_s']:7.1f} images/s"
+                print(f"{args.model} batch {args.batch} {mode:8s} {name:55s} {row['images_per_s']:7.1f} images/s"
                       f"  centred cosine to fp32 {row['centred_cosine_min']:.5f}", flush=True)  # fmt: skip
     out = ROOT / "bench" / "results" / f"int8-ablation-{platform.node()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"args": vars(args), "cpu": cpu_name(), "torch": torch.__version__, "rows": result}

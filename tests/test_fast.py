@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipserve
-from clipserve.config import VisionConfig
+from clipserve.config import PreprocessConfig, VisionConfig
 from clipserve.engine import loading, onnx_backend
 from clipserve.engine.fast import ThreadPlan, encode_length_sorted, length_sorted_chunks, normalise_uint8
 from clipserve.engine.linears import OneDNNLinear, ProjectedAttention, onednn_linear_available
@@ -211,10 +211,46 @@ def test_int8_patch_embedding_is_the_patch_convolution(channels_last: bool) -> N
         Int8PatchEmbedding(torch.nn.Conv2d(3, 8, kernel_size=8, stride=4, bias=False))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_bf16_attention_matches_scaled_dot_product_attention(causal: bool) -> None:
+def test_int8_patch_embedding_folds_the_normalisation_for_uint8_pixels() -> None:
+    """Given the preprocessing's mean and std, raw uint8 pixels give the convolution of the normalised pixels,
+    closer than the float path (only the weights are rounded, not the pixels)."""
+    torch.manual_seed(0)
+    cfg = PreprocessConfig()
+    conv = torch.nn.Conv2d(3, 64, kernel_size=8, stride=8, bias=False)
+    raw = torch.randint(0, 256, (2, 36, 36, 3), dtype=torch.uint8)  # the decode buffer's NHWC rows
+    pixels = normalise_uint8(raw, cfg.mean, cfg.std)
+    embedding = Int8PatchEmbedding(conv, cfg)
+    assert embedding.takes_uint8 and not Int8PatchEmbedding(conv).takes_uint8
+    with torch.inference_mode():
+        expected, from_floats, from_uint8 = conv(pixels), embedding(pixels), embedding(raw.permute(0, 3, 1, 2))
+    assert from_uint8.shape == expected.shape == (2, 64, 4, 4) and from_uint8.dtype == torch.float32
+    error = (from_uint8 - expected).norm() / expected.norm()
+    assert error < 0.01 and error < (from_floats - expected).norm() / expected.norm()
+    with pytest.raises(TypeError, match="normalised float pixels"):
+        Int8PatchEmbedding(conv)(raw.permute(0, 3, 1, 2))
+
+
+def test_int8_model_feeds_the_decoders_uint8_pixels_to_the_tower(tiny_checkpoint: Path, photos: list[bytes]) -> None:
+    int8, fp32 = (clipserve.load(str(tiny_checkpoint), precision=p) for p in ("int8", "fp32"))
+    assert int8.uint8_pixels and not fp32.uint8_pixels
+    raw = torch.stack([int8.preprocessor.decode(photo) for photo in photos])
+    from_uint8 = int8.encode_uint8(raw)
+    from_floats = int8.encode_pixels(normalise_uint8(raw, int8.preprocess_cfg.mean, int8.preprocess_cfg.std))
+    assert cosine(from_uint8, from_floats).min() >= 0.999  # two roundings of the same patch embedding
+    torch.testing.assert_close(int8.encode_image(photos), from_uint8)
+    torch.testing.assert_close(fp32.encode_uint8(raw), fp32.encode_image(photos))
+    for model in (int8, fp32):  # each entry point takes its own kind of pixels, and says so
+        with pytest.raises(ValueError, match=r"normalised float tensor .* go to encode_uint8"):
+            model.encode_pixels(raw.permute(0, 3, 1, 2))
+        with pytest.raises(ValueError, match=r"expected uint8 pixels \[N, H, W, 3\]"):
+            model.encode_uint8(raw.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize(("causal", "queries"), [(False, 17), (True, 17), (False, 1)])
+def test_bf16_attention_matches_scaled_dot_product_attention(causal: bool, queries: int) -> None:
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 16, generator=generator) * 2 for _ in range(3))
+    q = q[:, :, :queries].contiguous()  # the last block of a ViT asks for its class token alone
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     got = bf16_attention(q, k, v.bfloat16(), causal)
     assert got.dtype == torch.bfloat16 and got.shape == expected.shape
@@ -222,14 +258,26 @@ def test_bf16_attention_matches_scaled_dot_product_attention(causal: bool) -> No
     torch.library.opcheck(bf16_attention, (q, k, v.bfloat16(), causal))  # the fake kernel agrees (compile)
 
 
-@pytest.mark.parametrize(("flags", "bf16_products"), [({"avx512_vnni", "avx512_bf16"}, True), ({"avx512_vnni"}, False)])
-def test_int8_attention_products_follow_bf16_dot_product_support(
-    vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes], monkeypatch, flags: set[str], bf16_products: bool
+@pytest.mark.parametrize(
+    ("flags", "compile", "bf16_products"),
+    [({"avx512_vnni", "avx512_bf16"}, True, True), ({"avx512_vnni", "avx512_bf16"}, False, False),
+     ({"avx512_vnni", "amx_bf16"}, True, True), ({"avx512_vnni"}, True, False)],
+)  # fmt: skip
+def test_int8_attention_products_in_bf16_only_compiled_on_bf16_cpus(
+    monkeypatch, flags: set[str], compile: bool, bf16_products: bool
 ) -> None:
     monkeypatch.setattr(loading, "cpu_flags", lambda: frozenset(flags))
+    assert loading.bf16_attention_products(compile) == bf16_products
+
+
+def test_int8_bf16_attention_keeps_the_embeddings(
+    vit_b32_checkpoint: Path, vit_b32_reference, photos: list[bytes], monkeypatch
+) -> None:
+    eager = clipserve.load(str(vit_b32_checkpoint), precision="int8")
+    assert not any(type(m) is BF16Attention for m in eager.module.modules())  # eager: flash attention
+    monkeypatch.setattr(loading, "bf16_attention_products", lambda compile: True)  # compile=True's, eager here
     model = clipserve.load(str(vit_b32_checkpoint), precision="int8")
-    bf16 = [m for m in model.module.visual.modules() if type(m) is BF16Attention]
-    assert len(bf16) == (12 if bf16_products else 0)  # ViT-B/32's 50 tokens; text keeps flash attention
+    assert len([m for m in model.module.visual.modules() if type(m) is BF16Attention]) == 12  # 50 tokens
     assert not any(type(m) is BF16Attention for m in model.module.text.modules())
     ref_image, ref_text = vit_b32_reference
     image, text = model.encode_image(photos), model.encode_text(PROMPTS)
@@ -339,8 +387,11 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
             assert F.cosine_similarity(actual, expected).min() >= 0.9999
 
     pixels = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    raw = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert compiled.uint8_pixels == (precision == "int8")
     for batch in (2, 20, 1):
         assert_same(compiled.encode_pixels(pixels[:batch]), eager.encode_pixels(pixels[:batch]))
+        assert_same(compiled.encode_uint8(raw[:batch]), eager.encode_uint8(raw[:batch]))
     for prompts in (PROMPTS, ["a", "b c"], ["a b c d e f"]):
         assert_same(compiled.encode_text(prompts), eager.encode_text(prompts))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # all compiled by `load`

@@ -281,6 +281,19 @@ def test_text_trimming_is_exact(tiny_model: clipserve.Model) -> None:
     assert torch.allclose(trimmed, full, atol=1e-6)
 
 
+def test_last_block_for_the_class_token_alone_is_exact(tiny_model: clipserve.Model) -> None:
+    """The image tower's last block computes only the class token (`pooled_tokens=1`): the same as every token."""
+    torch.manual_seed(0)
+    transformer = tiny_model.module.visual.transformer
+    x = torch.randn(3, 17, transformer.resblocks[0].ln_1.normalized_shape[0])
+    with torch.no_grad():
+        every_token, pooled = transformer(x), transformer(x, pooled_tokens=1)
+        assert pooled.shape == (3, 1, x.shape[2])
+        torch.testing.assert_close(pooled, every_token[:, :1], atol=1e-6, rtol=1e-6)
+        with pytest.raises(ValueError, match="bidirectional"):
+            transformer(x, causal=True, pooled_tokens=1)
+
+
 def test_hub_download_through_local_endpoint(fake_hub, tiny_checkpoint: Path) -> None:
     fake_hub.add_repo("acme/tiny-clip", tiny_checkpoint)
     model = clipserve.load("hf-hub:acme/tiny-clip")

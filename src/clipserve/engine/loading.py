@@ -226,7 +226,8 @@ def _build_runtime(
     dtype = torch.float32 if precision == INT8 else PRECISIONS[precision]  # int8 quantises fp32 weights
     module = build_module(resolved.model_cfg, resolved.state, resolved.source, dtype).to(device)
     if precision == INT8:
-        module = quantize_int8(module, bf16_products=bool(cpu_flags() & BF16_DOT_FLAGS))
+        bf16_products = bf16_attention_products(compile)
+        module = quantize_int8(module, bf16_products=bf16_products, pixels=resolved.preprocess_cfg)
     elif precision == "fp32":
         module = pack_fp32_linears(module)
     return compile_towers(module) if compile else module
@@ -237,7 +238,11 @@ def _build_runtime(
 # int8 25.9 against fp32 16.8 images/s, cosine 0.9997); without, int8 gains too little for its approximation
 # (a 2-core AVX2 EPYC: ViT-B/32 batch 32 int8 18.2 against fp32 14.9 images/s).
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-# CPU flags of a bf16 dot-product instruction: int8 then runs attention's second product in bf16.
+# CPU flags of a bf16 dot-product instruction: int8 with `compile=True` then runs attention's second product in
+# bf16 (`BF16Attention`). Eager, its separate passes (scale, softmax, casts, copies) cost more than the bf16
+# product saves. bench/int8_ablation.py, ViT-B/32 batch 32 on a 2-core AVX-512 BF16 EPYC, four runs
+# (int8-ablation-vm-20261202-073444, 073535, 085219, 085332), against torch's flash attention: eager -3.8%,
+# +0.7%, -3.2%, -3.8%; compiled +3.9%, +1.5%, -0.7%, +3.4%.
 BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
@@ -248,6 +253,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return frozenset(line.partition(":")[2].split())
+
+
+def bf16_attention_products(compile: bool) -> bool:
+    """Whether int8 runs attention's second product in bf16 (`BF16Attention`): compiled, on bf16 CPUs."""
+    return compile and bool(cpu_flags() & BF16_DOT_FLAGS)
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from clipserve.config import ModelConfig, PreprocessConfig
 from clipserve.engine.fast import ThreadPlan, encode_length_sorted, normalise_uint8
 from clipserve.engine.pipeline import DecodePool
+from clipserve.engine.quantize import takes_uint8_pixels
 from clipserve.io.images import ImageInput, ImageLimits, Preprocessor
 from clipserve.io.tokenizers import Tokenizer
 from clipserve.models.clip import CLIP
@@ -111,6 +112,7 @@ class Model:
         self.backend = backend
         self.batch_size = batch_size
         self.label_cache = LabelCache()
+        self.uint8_pixels = takes_uint8_pixels(module)
         self.info = ModelInfo(
             name=name,
             architecture=architecture,
@@ -155,8 +157,14 @@ class Model:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Preprocessed images [N, 3, H, W] -> embeddings [N, D] (float32, CPU)."""
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"expected a float tensor [N, 3, H, W], got shape {tuple(pixels.shape)}")
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
+            raise ValueError(
+                f"expected a normalised float tensor [N, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
+                " (decoded uint8 pixels [N, H, W, 3] go to encode_uint8)"
+            )
+        return self._encode_tower(pixels, normalize)
+
+    def _encode_tower(self, pixels: torch.Tensor, normalize: bool) -> torch.Tensor:
         size = self.config.image_size
         if pixels.shape[-2:] != (size, size):
             raise ValueError(f"expected {size}x{size} images, got {tuple(pixels.shape[-2:])}")
@@ -223,14 +231,21 @@ class Model:
             outputs = [self.encode_uint8(batch, normalize) for batch in pool.batches(images, self.batch_size)]
         return torch.cat(outputs)
 
+    @torch.inference_mode()
     def encode_uint8(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Resized, cropped RGB pixels, uint8 [N, S, S, 3] (`DecodePool`'s batches) -> embeddings [N, D].
 
         The uint8 batch goes to the device (a quarter of float32's transfer) and is normalised there, with
-        the exact preprocessing arithmetic.
+        the exact preprocessing arithmetic; int8 towers take it as it is (`takes_uint8_pixels`: their patch
+        embedding has the normalisation folded into its weights).
         """
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"expected uint8 pixels [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        images = images.to(self.device)
+        if self.uint8_pixels:
+            return self._encode_tower(images.permute(0, 3, 1, 2), normalize)
         cfg = self.preprocess_cfg
-        return self.encode_pixels(normalise_uint8(images.to(self.device), cfg.mean, cfg.std), normalize)
+        return self._encode_tower(normalise_uint8(images, cfg.mean, cfg.std), normalize)
 
     def encode_text(self, texts: str | Sequence[str], normalize: bool = False) -> torch.Tensor:
         """Texts -> [N, embed_dim]."""
@@ -246,6 +261,8 @@ class Model:
         size = self.config.image_size
         for batch in (1, 2):
             self.encode_pixels(torch.zeros(batch, 3, size, size))
+            # decoded images: uint8 pixels (int8) or their normalised channels-last floats, other graphs
+            self.encode_uint8(torch.zeros(batch, size, size, 3, dtype=torch.uint8))
             self.encode_text(["a photo of a dog.", "a cat"][:batch])
 
     # -- zero-shot -------------------------------------------------------------------------------------

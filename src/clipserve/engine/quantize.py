@@ -31,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from clipserve.config import PreprocessConfig
 from clipserve.engine.linears import ProjectedAttention, kernel_error, swap_linears
 from clipserve.models.layers import MLP, Attention, QuickGELU
 from clipserve.models.vision import VisionTransformer
@@ -85,6 +86,13 @@ def _int8_gemm_shape(
     return q.new_empty((q.shape[0], weight_scale.shape[0]), dtype=torch.float32)
 
 
+def quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [N, K] -> (int8 [N, K], scale [N]), symmetric per output channel: W ~ W_q * scale[:, None]."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(weight / scale[:, None]).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b on oneDNN's int8 GEMM: W per output channel, x per row, both symmetric."""
 
@@ -92,9 +100,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         with torch.no_grad():
-            weight = weight.detach().float()
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            int8_weight = torch.round(weight / scale[:, None]).to(torch.int8)
+            int8_weight, scale = quantize_channels(weight)
             self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(int8_weight, None))
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.long))
@@ -154,19 +160,22 @@ class Int8MLP(nn.Module):
 
 @torch.library.custom_op("clipserve::bf16_attention", mutates_args=())
 def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Softmax attention with fp32 logits and bf16 weights: q, k float32, v bfloat16 [B, H, L, Dh] -> bfloat16.
+    """Softmax attention with fp32 logits and bf16 weights: q float32 [B, H, Q, Dh], k float32 and v bfloat16
+    [B, H, L, Dh] -> bfloat16 [B, H, Q, Dh].
 
     Logits stay fp32 (a bf16 logit of 30 is off by up to 0.06, which moves its weight by 6%); the
     probabilities, in [0, 1], and the values are rounded to bf16 (relative error 2^-9, below the int8
     rounding of the output projection's input that follows) for the second product, the larger of the two
     here. A custom op so that inductor keeps both batched GEMMs as they are instead of decomposing them.
     """
-    batch, heads, length, dim = q.shape
-    logits = torch.bmm(q.reshape(-1, length, dim), k.reshape(-1, length, dim).transpose(1, 2)).mul_(dim**-0.5)
-    if causal:
-        logits.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-    weights = torch.softmax(logits, dim=-1).to(torch.bfloat16)  # [B*H, L, L]
-    return torch.bmm(weights, v.reshape(-1, length, dim)).view(batch, heads, length, dim)
+    batch, heads, queries, dim = q.shape
+    length = k.shape[2]
+    logits = torch.bmm(q.reshape(-1, queries, dim), k.reshape(-1, length, dim).transpose(1, 2)).mul_(dim**-0.5)
+    if causal:  # query i sits at position i (the first queries of the sequence)
+        mask = torch.ones(queries, length, dtype=torch.bool, device=q.device).triu_(1)
+        logits.masked_fill_(mask, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).to(torch.bfloat16)  # [B*H, Q, L]
+    return torch.bmm(weights, v.reshape(-1, length, dim)).view(batch, heads, queries, dim)
 
 
 @bf16_attention.register_fake
@@ -178,11 +187,10 @@ class BF16Attention(ProjectedAttention):
     """Attention with int8 q/k/v and output projections and `bf16_attention` between them.
 
     For CPUs with bf16 dot products (AVX-512 BF16, AMX), in ViTs of few tokens (`BF16_ATTENTION_MAX_TOKENS`,
-    where the reasons are). ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC,
-    against torch's fp32 flash attention (`bench/int8_ablation.py`, two runs): compiled 1.5-4% faster
-    (111.0 against 109.4 and 112.4 against 108.2 images/s), eager within noise (111.4 against 110.6, 101.1
-    against 105.0); centred cosine to fp32 0.99835 against 0.99840. bf16 logits as well were faster still
-    in a scratch timing, not taken for the reason above.
+    where the reasons are), with `compile=True` (`loading.bf16_attention_products`: eager it ran slower).
+    ViT-B/32, batch 32, on a 2-core AVX-512 BF16 EPYC, compiled, against torch's fp32 flash attention
+    (`bench/int8_ablation.py`, four runs): -0.7% to +3.9%, +2.0% on average; centred cosine to fp32 0.99835
+    against 0.99840. bf16 logits as well were faster still in a scratch timing, not taken for the reason above.
     """
 
     def __init__(self, attn: Attention) -> None:
@@ -195,27 +203,63 @@ class BF16Attention(ProjectedAttention):
 class Int8PatchEmbedding(nn.Module):
     """The ViT's patch convolution (kernel = stride = patch, no bias) as an int8 GEMM over flattened patches.
 
-    Each patch is a row of p*p*3 pixels, quantised per row like any Linear input. Returns the convolution's
-    [B, W, g, g] as a view of the GEMM's [B, g, g, W] rows, which the tower flattens to tokens without a copy.
-    The fp32 convolution it replaces took 20 ms of a 344 ms ViT-B/32 batch (compiled int8, batch 32,
-    `bench/breakdown.py`); the tokens' relative error is a Linear's (tested below 2%).
+    Each patch is a row of p*p*3 pixels. Normalised float pixels are quantised per row like any Linear input.
+    Given the preprocessing's `pixels` (mean and std), it also takes the decoder's raw uint8 pixels
+    (`Model.encode_uint8`), with the normalisation folded into a second set of weights: conv((u/255 - mean) /
+    std) = conv'(u) + offset, and u, an integer in [0, 255], is exactly the GEMM's uint8 input around its zero
+    point 128. That spares the float normalisation pass and the patches' row quantisation, and is more exact
+    (only the weights are rounded). Returns the convolution's [B, W, g, g] as a view of the GEMM's [B, g, g, W]
+    rows, which the tower flattens to tokens without a copy. The fp32 convolution it replaces took 20 ms of
+    a 344 ms ViT-B/32 batch (compiled int8, batch 32, `bench/breakdown.py`); the tokens' relative error is a
+    Linear's (tested below 2%). From uint8 pixels, ViT-B/32 batch 32 on a 2-core AVX-512 EPYC
+    (`bench/int8_ablation.py`, two runs, against normalising and taking floats): +5.2% and +4.3% eager,
+    +2.6% and +3.0% compiled.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, pixels: PreprocessConfig | None = None) -> None:
         super().__init__()
         if conv.bias is not None or conv.kernel_size != conv.stride or conv.padding != (0, 0):
             raise ValueError(f"Int8PatchEmbedding needs a patchifying convolution without bias, not {conv}")
         self.patch = conv.kernel_size[0]
         # [W, 3, p, p] -> [W, p, p, 3] rows: patches are cut from channels-last pixels with the channel innermost
-        weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+        weight = conv.weight.detach().float().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
         self.linear = Int8Linear(weight, None)
+        self.raw_linear: Int8Linear | None = None
+        if pixels is not None:
+            # per column (channel innermost): x = u * gain + shift, u the raw pixel value
+            mean, std = (torch.tensor(v, dtype=torch.float64).repeat(self.patch**2) for v in (pixels.mean, pixels.std))
+            gain, shift = 1 / (255 * std), -mean / std
+            folded = (weight.double() * gain).float()
+            # The GEMM multiplies u - 128 (its zero point): add back 128 x the exact folded weights' row sums,
+            # so that the weights' rounding error meets only the centred u - 128, as it meets centred normalised
+            # pixels on the float path (with the rounded weights' sums it would also scale u's mean, ~128).
+            offset = weight.double() @ shift + 128 * folded.double().sum(dim=1)
+            self.raw_linear = Int8Linear(folded, offset.float())
+
+    @property
+    def takes_uint8(self) -> bool:
+        """Whether `forward` takes raw uint8 pixels (the normalisation is folded in) as well as float ones."""
+        return self.raw_linear is not None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W], normalised floats or (`takes_uint8`) raw uint8 -> [B, W, g, g]."""
         batch, channels, height, width = pixels.shape
         p, rows, cols = self.patch, height // self.patch, width // self.patch
         patches = pixels[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p)
         patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, rows, cols, p * p * channels)
-        return self.linear(patches).permute(0, 3, 1, 2)  # [B, W, g, g]
+        if pixels.dtype != torch.uint8:
+            return self.linear(patches).permute(0, 3, 1, 2)
+        if self.raw_linear is None:
+            raise TypeError("this patch embedding takes normalised float pixels, not uint8 (no normalisation given)")
+        tokens = self.raw_linear.gemm(patches.reshape(-1, p * p * channels).contiguous())
+        tokens = torch.add(tokens, self.raw_linear.bias, out=tokens)
+        return tokens.view(batch, rows, cols, -1).permute(0, 3, 1, 2)  # [B, W, g, g]
+
+
+def takes_uint8_pixels(module: nn.Module) -> bool:
+    """Whether `module`'s image tower takes the decoder's raw uint8 pixels (an `Int8PatchEmbedding` given the
+    preprocessing's normalisation)."""
+    return any(isinstance(m, Int8PatchEmbedding) and m.takes_uint8 for m in module.modules())
 
 
 @functools.cache
@@ -251,11 +295,14 @@ def dynamic_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.M
 BF16_ATTENTION_MAX_TOKENS = 64
 
 
-def quantize_int8(module: nn.Module, bf16_products: bool = False) -> nn.Module:
+def quantize_int8(
+    module: nn.Module, bf16_products: bool = False, pixels: PreprocessConfig | None = None
+) -> nn.Module:
     """Quantise, in place, every Linear layer (and CLIP's packed attention projection) of a float32 module,
     and, where oneDNN's int8 Linear runs, the MLPs as `Int8MLP`, ViT patch convolutions as
-    `Int8PatchEmbedding` and, with `bf16_products` (for CPUs with bf16 dot products), the attention of ViTs
-    of at most `BF16_ATTENTION_MAX_TOKENS` tokens as `BF16Attention`.
+    `Int8PatchEmbedding` (which, given the preprocessing's normalisation `pixels`, also takes raw uint8
+    pixels) and, with `bf16_products` (for CPUs with bf16 dot products), the attention of ViTs of at most
+    `BF16_ATTENTION_MAX_TOKENS` tokens as `BF16Attention`.
 
     LayerNorms, attention's logits, the embeddings and the final projections stay in fp32 (a few percent of
     the FLOPs).
@@ -266,7 +313,7 @@ def quantize_int8(module: nn.Module, bf16_products: bool = False) -> nn.Module:
     if not int8_rows_available():  # the fallback's packed weights belong to torch's process-wide engine
         torch.backends.quantized.engine = quantized_engine()
         return swap_linears(module, dynamic_int8_linear)
-    swap_int8_blocks(module)
+    swap_int8_blocks(module, pixels)
     if bf16_products:
         for vit in [m for m in module.modules() if isinstance(m, VisionTransformer)]:
             if vit.cfg.grid_size**2 + 1 <= BF16_ATTENTION_MAX_TOKENS:
@@ -274,16 +321,16 @@ def quantize_int8(module: nn.Module, bf16_products: bool = False) -> nn.Module:
     return swap_linears(module, Int8Linear)
 
 
-def swap_int8_blocks(module: nn.Module) -> None:
+def swap_int8_blocks(module: nn.Module, pixels: PreprocessConfig | None = None) -> None:
     """Replace, in place, each `MLP` with a bounded activation by `Int8MLP` and each ViT `conv1` by
-    `Int8PatchEmbedding`."""
+    `Int8PatchEmbedding` (with the normalisation `pixels`)."""
     for name, child in list(module.named_children()):
         if type(child) is MLP and isinstance(child.gelu, BOUNDED_ACTIVATIONS):
             setattr(module, name, Int8MLP(child))
         elif isinstance(module, VisionTransformer) and name == "conv1":
-            setattr(module, name, Int8PatchEmbedding(child))
+            setattr(module, name, Int8PatchEmbedding(child, pixels))
         else:
-            swap_int8_blocks(child)
+            swap_int8_blocks(child, pixels)
 
 
 def use_bf16_attention(module: nn.Module) -> None:

@@ -35,7 +35,9 @@ class CLIP(nn.Module):
         return self.visual.class_embedding.dtype
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(pixels.to(self.dtype))
+        if pixels.is_floating_point():  # uint8 pixels go as they are, to a patch embedding that normalises them
+            pixels = pixels.to(self.dtype)
+        features = self.visual(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
     def token_lengths(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -50,13 +50,19 @@ class Attention(nn.Module):
         """[B, L, W] -> packed q/k/v [B, L, 3W]; a method so that quantised variants can replace it."""
         return F.linear(x, self.in_proj_weight, self.in_proj_bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, queries: int | None = None) -> torch.Tensor:
+        """[B, L, W] -> [B, L, W], or with `queries` the outputs of the first `queries` tokens only [B, Q, W]
+        (every token still serves as a key and value)."""
         batch, length, width = x.shape
         qkv = self.in_projection(x)  # [B, L, 3W]
         # [B, L, 3, H, Dh] -> 3 x [B, H, L, Dh]
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if queries is not None:
+            if causal:  # a causal mask over fewer queries than keys would need aligning; no caller needs it
+                raise ValueError("Attention: queries= is for bidirectional attention only")
+            q = q[:, :, :queries]  # [B, H, Q, Dh]
         out = self.attend(q, k, v, causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, q.shape[2], width))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """Scaled dot-product attention, q, k, v [B, H, L, Dh] -> [B, H, L, Dh]; a method so that fast
@@ -85,8 +91,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, mlp_width, quick_gelu)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, queries: int | None = None) -> torch.Tensor:
+        """[B, L, W] -> [B, L, W]; with `queries`, the first `queries` tokens' outputs only [B, Q, W]."""
+        x = x[:, :queries] + self.attn(self.ln_1(x), causal=causal, queries=queries)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,10 +105,15 @@ class Transformer(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, pooled_tokens: int | None = None) -> torch.Tensor:
+        """[B, L, W] -> [B, L, W]. With `pooled_tokens` (a tower that reads only its first tokens, the ViT's
+        class token) the last block computes those tokens' outputs alone, [B, pooled_tokens, W]: the same
+        values, without its output projection and MLP for the other tokens (1/16 of a ViT-B/32's GEMM work)."""
+        last = len(self.resblocks) - 1
+        for index, block in enumerate(self.resblocks):
+            queries = pooled_tokens if index == last else None
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, queries, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, queries=queries)
         return x

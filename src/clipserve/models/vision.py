@@ -30,8 +30,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+g*g, W]
-        x = self.transformer(self.ln_pre(x))
-        # open_clip applies ln_post to every token and then takes the class token; per-token LayerNorm
-        # makes that equal to normalising the class token alone.
+        # Only the class token is read: the last block computes its output alone. open_clip applies ln_post
+        # to every token and then takes the class token; per-token LayerNorm makes that the same.
+        x = self.transformer(self.ln_pre(x), pooled_tokens=1)  # [B, 1, W]
         pooled = self.ln_post(x[:, 0])
         return pooled @ self.proj
