@@ -372,6 +372,7 @@ def test_compiled_towers_match_eager_across_batch_sizes_and_lengths(tiny_checkpo
     eager = clipserve.load(str(tiny_checkpoint), precision=precision)
     compiled = clipserve.load(str(tiny_checkpoint), precision=precision, compile=True)
     assert type(compiled.module.visual).__name__ == "BatchDynamicTower"
+    assert torch._dynamo.config.recompile_limit >= loading.RECOMPILE_LIMIT  # several compiled models fit
     assert hasattr(compiled.module.text.encode_trimmed, "_torchdynamo_orig_callable")
     if precision == "fp32":  # oneDNN's packed Linear stays under compile (an opaque op), not torch's default GEMM
         assert onednn_linear_available()

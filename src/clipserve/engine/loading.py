@@ -320,6 +320,13 @@ def tag_compile_cache() -> None:
         torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
 
 
+# Graphs dynamo may keep per code object. Every model's towers share their classes' `forward` code, and each
+# compiled model adds up to four image graphs (batch 1 and more, normalised floats and decoded pixels) per
+# architecture and precision: at torch's default of 8 the second or third compiled model in a process ran
+# eagerly (seen in bench/encode.py, which loads several).
+RECOMPILE_LIMIT = 64
+
+
 def compile_towers(module: CLIP) -> CLIP:
     """`torch.compile` both towers in place: images with a dynamic batch, texts with dynamic batch and length.
 
@@ -329,6 +336,7 @@ def compile_towers(module: CLIP) -> CLIP:
     compiles for a minute or more at load (`Model.warm_up`). See the README for what it gains.
     """
     tag_compile_cache()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     mode = "reduce-overhead" if next(module.parameters()).device.type == "cuda" else None
     module.visual = BatchDynamicTower(module.visual, mode)
     # The text towers trim each batch to its longest row first, reading a value: that stays eager.
