@@ -54,7 +54,7 @@ def test_embed_folder_matches_encode_image_and_imports(local_ray, tiny_model, ti
     assert main(["collection", "search", "photos", "--root", str(root), "--image", str(photos[2]), "--top-k", "1"]) == 0
     assert capsys.readouterr().out.split("\t")[3].strip() == str(photos[2])
     assert main(["collection", "import", "photos", str(out), "--root", str(root)]) == 0
-    assert "added 0, skipped 9 (1 unreadable, 8 duplicate)" in capsys.readouterr().err
+    assert "added 0, skipped 9 (8 duplicate, 1 unreadable)" in capsys.readouterr().err
 
 
 def test_embed_webdataset_tar(local_ray, tiny_model, tiny_checkpoint, tmp_path: Path) -> None:

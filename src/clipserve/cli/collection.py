@@ -42,7 +42,8 @@ def _print_report(report, extra_skipped=()) -> None:
     counts: dict[str, int] = {}
     for s in skipped:
         counts[s.reason] = counts.get(s.reason, 0) + 1
-    summary = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+    # by reason, not by first occurrence: the order items finish in varies from run to run
+    summary = ", ".join(f"{counts[reason]} {reason}" for reason in sorted(counts))
     print(f"added {len(report.added)}, skipped {len(skipped)}" + (f" ({summary})" if summary else ""), file=sys.stderr)
     shown = [s for s in skipped if s.reason != "duplicate"]
     for s in shown[:SHOWN_SKIPS]:
