@@ -251,8 +251,7 @@ class Int8PatchEmbedding(nn.Module):
             return self.linear(patches).permute(0, 3, 1, 2)
         if self.raw_linear is None:
             raise TypeError("this patch embedding takes normalised float pixels, not uint8 (no normalisation given)")
-        tokens = self.raw_linear.gemm(patches.reshape(-1, p * p * channels).contiguous())
-        tokens = torch.add(tokens, self.raw_linear.bias, out=tokens)
+        tokens = self.raw_linear.gemm(patches.reshape(-1, p * p * channels).contiguous()).add_(self.raw_linear.bias)
         return tokens.view(batch, rows, cols, -1).permute(0, 3, 1, 2)  # [B, W, g, g]
 
 

@@ -65,8 +65,8 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, q.shape[2], width))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Scaled dot-product attention, q, k, v [B, H, L, Dh] -> [B, H, L, Dh]; a method so that fast
-        variants can replace it."""
+        """Scaled dot-product attention, q [B, H, Q, Dh] (Q <= L), k, v [B, H, L, Dh] -> [B, H, Q, Dh]; a
+        method so that fast variants can replace it."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
